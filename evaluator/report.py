@@ -1,0 +1,237 @@
+"""Writing a run's or a compare's folder: atomic folder replacement, JSON/JSONL, charts, Markdown + HTML.
+
+A report is a list of blocks (heading, paragraph, table, image, example) rendered twice, once as Markdown
+and once as a standalone HTML page, so the two never drift apart.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from evaluator.config import EvalInputError
+from evaluator.score import ROUGE_TYPES
+
+# ---- atomic output folders -----------------------------------------------------------------------
+
+
+def check_out_dir(out: str | Path) -> Path:
+    p = Path(out).resolve()
+    if p.exists() and not p.is_dir():
+        raise EvalInputError(f"--out {out}: exists and is not a directory")
+    return p
+
+
+@contextmanager
+def atomic_dir(out: Path) -> Iterator[Path]:
+    """Yield a temp folder beside `out`; on success it replaces `out`, on failure it is removed.
+
+    Same filesystem as `out`, so the final step is a rename: readers see the old folder or the new one,
+    never a half-written metrics.json.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, start=1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise EvalInputError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+    return rows
+
+
+# ---- charts ----------------------------------------------------------------------------------------
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on CI machines or in the eval Job
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def bar_chart(path: Path, groups: list[str], series: dict[str, list[tuple[float, float, float]]],
+              title: str, ylabel: str) -> None:
+    """Grouped bars with CI error bars; series maps a label to (mean, ci_low, ci_high) per group."""
+    import numpy as np
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(groups) + 2), 4.2))
+    x = np.arange(len(groups))
+    width = 0.8 / max(1, len(series))
+    for k, (label, vals) in enumerate(series.items()):
+        means = np.array([v[0] for v in vals])
+        err = np.array([[v[0] - v[1] for v in vals], [v[2] - v[0] for v in vals]])
+        ax.bar(x + (k - (len(series) - 1) / 2) * width, means, width, yerr=err, capsize=2, label=label)
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_xticks(x, groups, rotation=30, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---- blocks -> Markdown / HTML ---------------------------------------------------------------------
+
+
+def fmt_ci(s: dict, digits: int = 4) -> str:
+    return f"{s['mean']:.{digits}f} [{s['ci_low']:.{digits}f}, {s['ci_high']:.{digits}f}]"
+
+
+def _md_cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(blocks: list[tuple]) -> str:
+    out = []
+    for kind, *a in blocks:
+        if kind == "h":
+            out.append(f"{'#' * a[0]} {a[1]}\n")
+        elif kind == "p":
+            out.append(f"{a[0]}\n")
+        elif kind == "table":
+            header, rows = a
+            out.append("| " + " | ".join(map(_md_cell, header)) + " |")
+            out.append("|" + "---|" * len(header))
+            out += ["| " + " | ".join(map(_md_cell, r)) + " |" for r in rows]
+            out.append("")
+        elif kind == "img":
+            out.append(f"![{a[1]}]({a[0]})\n")
+        elif kind == "example":
+            title, fields = a
+            out.append(f"**{title}**\n")
+            for name, text in fields:
+                quoted = "\n".join("> " + line for line in str(text).splitlines() or [""])
+                out.append(f"*{name}*\n\n{quoted}\n")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def to_html(blocks: list[tuple], title: str) -> str:
+    e = html.escape
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>"
+           "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+           "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+           "td:first-child,th:first-child{text-align:left}pre{white-space:pre-wrap;background:#f6f6f6;padding:.5em}"
+           "</style></head><body>"]
+    for kind, *a in blocks:
+        if kind == "h":
+            out.append(f"<h{a[0]}>{e(a[1])}</h{a[0]}>")
+        elif kind == "p":
+            out.append(f"<p>{e(a[0])}</p>")
+        elif kind == "table":
+            header, rows = a
+            out.append("<table><tr>" + "".join(f"<th>{e(str(h))}</th>" for h in header) + "</tr>")
+            out += ["<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in rows]
+            out.append("</table>")
+        elif kind == "img":
+            out.append(f"<img src='{e(a[0])}' alt='{e(a[1])}'>")
+        elif kind == "example":
+            out.append(f"<h4>{e(a[0])}</h4>")
+            out += [f"<p><i>{e(n)}</i></p><pre>{e(str(t))}</pre>" for n, t in a[1]]
+    out.append("</body></html>\n")
+    return "\n".join(out)
+
+
+def write_report(folder: Path, stem: str, blocks: list[tuple], title: str) -> None:
+    (folder / f"{stem}.md").write_text(to_markdown(blocks))
+    (folder / f"{stem}.html").write_text(to_html(blocks, title))
+
+
+# ---- the run report ----------------------------------------------------------------------------------
+
+EXAMPLES_SHOWN = 3
+PROMPT_CHARS = 600
+
+
+def _example_blocks(rows: list[dict], label: str) -> list[tuple]:
+    blocks = []
+    for r in rows:
+        prompt = r["prompt"] if len(r["prompt"]) <= PROMPT_CHARS else r["prompt"][:PROMPT_CHARS] + " ..."
+        title = f"{label}: {r['id']} ({r['category']}), ROUGE-L F1 {r['scores']['rougeL']['f1']:.3f}"
+        blocks.append(("example", title, [("prompt", prompt), ("reference", r["reference"]),
+                                          ("prediction", r["prediction"] or "(empty)")]))
+    return blocks
+
+
+def run_blocks(metrics: dict, rows: list[dict], chart: str) -> list[tuple]:
+    o, g = metrics["overall"], metrics["generation"]
+    blocks: list[tuple] = [
+        ("h", 1, "dolly-eval run"),
+        ("p", f"Model {metrics['model']['path']} (weights sha256 {metrics['model']['weights_sha256'][:12]}), "
+              f"test split {metrics['data']['test_file']} (sha256 {metrics['data']['test_sha256'][:12]}), "
+              f"{metrics['num_examples']} examples, sampling {json.dumps(metrics['sampling'])}, "
+              f"vLLM {metrics['engine']['vllm_version']} on {metrics['engine']['device']}."),
+        ("h", 2, f"Overall (mean [{metrics['scoring']['confidence']:.0%} bootstrap CI])"),
+        ("table", ["metric", "F1", "precision", "recall"],
+         [[t, fmt_ci(o[t]["f1"]), fmt_ci(o[t]["precision"]), fmt_ci(o[t]["recall"])] for t in ROUGE_TYPES]),
+        ("h", 2, "By category (F1)"),
+        ("table", ["category", "n", *ROUGE_TYPES],
+         [[c, s["rougeL"]["f1"]["n"], *[fmt_ci(s[t]["f1"], 3) for t in ROUGE_TYPES]]
+          for c, s in metrics["by_category"].items()]),
+        ("img", chart, "F1 by category"),
+        ("h", 2, "Generation"),
+        ("table", ["quantity", "value"], [
+            ["finish reasons", json.dumps(g["finish_reasons"])],
+            ["empty predictions", g["empty_predictions"]],
+            ["truncated (hit max_new_tokens / max_model_len)", g["truncated"]],
+            ["prompt tokens mean / p50 / p90 / max", _stats(g["prompt_tokens"])],
+            ["output tokens mean / p50 / p90 / max", _stats(g["output_tokens"])],
+            ["prompts/s", f"{g['throughput']['prompts_per_s']:.2f}"],
+            ["generated tokens/s", f"{g['throughput']['generated_tokens_per_s']:.1f}"],
+            ["engine start s / generate s",
+             f"{g['throughput']['engine_start_seconds']:.1f} / {g['throughput']['generate_seconds']:.2f}"],
+        ]),
+    ]
+    ranked = sorted(rows, key=lambda r: (r["scores"]["rougeL"]["f1"], r["id"]))
+    blocks += [("h", 2, "Best examples (ROUGE-L F1)")] + _example_blocks(ranked[::-1][:EXAMPLES_SHOWN], "best")
+    blocks += [("h", 2, "Worst examples (ROUGE-L F1)")] + _example_blocks(ranked[:EXAMPLES_SHOWN], "worst")
+    return blocks
+
+
+def _stats(s: dict) -> str:
+    return f"{s['mean']:.1f} / {s['p50']:.0f} / {s['p90']:.0f} / {s['max']}"
+
+
+def run_chart(path: Path, metrics: dict) -> None:
+    cats = ["overall", *metrics["by_category"]]
+    per = {"overall": metrics["overall"], **metrics["by_category"]}
+    series = {t: [(per[c][t]["f1"]["mean"], per[c][t]["f1"]["ci_low"], per[c][t]["f1"]["ci_high"]) for c in cats]
+              for t in ROUGE_TYPES}
+    conf = metrics["scoring"]["confidence"]
+    bar_chart(path, cats, series, f"ROUGE F1 by Dolly category ({conf:.0%} bootstrap CI)", "F1")

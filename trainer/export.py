@@ -1,0 +1,101 @@
+"""Hugging Face export: a consolidated folder (safetensors, config, generation config, tokenizer) that
+`transformers` and vLLM load.
+
+Two ways in:
+- at the end of training, from the live engine (`FullFinetuneRecipe.export`; ZeRO-3 gathers its shards);
+- on demand, `dolly-train export --checkpoint RUN/checkpoint_N --out DIR`, from the DeepSpeed files of any
+  checkpoint (ZeRO-2 or ZeRO-3 shards consolidated to fp32 by DeepSpeed's own `zero_to_fp32`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def save_hf_folder(config, state: dict, out: str | Path, tokenizer_from: str | Path,
+                   generation_config=None, dtype: torch.dtype | None = None) -> Path:
+    """Write atomically: build into a temp dir beside `out`, then rename over it."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer.recipe import copy_tokenizer
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        if dtype is not None:
+            state = {k: v.to(dtype) for k, v in state.items()}
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        if config.tie_word_embeddings:
+            model.tie_weights()
+            missing = [k for k in missing if k != "lm_head.weight"]
+        if missing or unexpected:
+            raise RuntimeError(f"export: state dict does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        model.config.use_cache = True
+        model.save_pretrained(tmp, safe_serialization=True)
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
+        copy_tokenizer(tokenizer_from, tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "auto") -> Path:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoConfig, GenerationConfig
+
+    ckpt = Path(checkpoint)
+    hf = ckpt / "hf"
+    if not (ckpt / "deepspeed").is_dir() or not (hf / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{ckpt}: not a dolly-train checkpoint (expected deepspeed/ and hf/config.json inside; "
+            "checkpoints are the checkpoint_<step> folders in a run dir)"
+        )
+    config = AutoConfig.from_pretrained(hf)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "deepspeed"), tag="state")
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    target = {"auto": getattr(config, "dtype", None) or torch.float32, "fp32": torch.float32,
+              "bf16": torch.bfloat16}[dtype]
+    if isinstance(target, str):
+        target = getattr(torch, target)
+    gen = GenerationConfig.from_pretrained(hf) if (hf / "generation_config.json").is_file() else None
+    return save_hf_folder(config, state, out, tokenizer_from=hf, generation_config=gen, dtype=target)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="consolidate a training checkpoint into a Hugging Face folder",
+        description="Consolidate a checkpoint's ZeRO-2/3 shards into a Hugging Face folder (safetensors, config, "
+                    "generation config, tokenizer) loadable by transformers and vLLM.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help="a checkpoint_<step> folder of a run")
+    p.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="weights dtype; auto = the model config's dtype")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, args.dtype)
+    except FileNotFoundError as e:
+        print(f"dolly-train export: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {args.checkpoint} -> {out}")
+    return 0

@@ -1,0 +1,489 @@
+"""`dolly-train submit | status | wait | logs | suspend | resume | delete`: RayJobs (ray.io/v1) on Kubernetes.
+
+    helm template dolly-train charts/dolly-train -f my-values.yaml > rendered.yaml
+    dolly-train submit --file rendered.yaml -n dolly-train          # the RayJob out of a multi-doc file
+    dolly-train submit --config cpu-tiny --image ghcr.io/dolly-train/cpu:0.1.0 --name tiny --pvc dolly-train \\
+        model.path=/mnt/dolly/models/tiny data.path=/mnt/dolly/data/synthetic checkpoint.storage_path=/mnt/dolly/runs
+    dolly-train status tiny -n dolly-train
+    dolly-train wait tiny -n dolly-train --timeout 3600             # exit 0 SUCCEEDED, 1 failed, 124 timeout
+    dolly-train logs tiny -n dolly-train --follow                   # the submitter pod (`ray job submit` output)
+    dolly-train suspend|resume|delete tiny -n dolly-train
+
+KubeRay's own Python client is not on PyPI, so this speaks to the API server through the `kubernetes` package
+(CustomObjectsApi for RayJobs, CoreV1Api for ConfigMaps, pods and logs). Credentials: `--kubeconfig` /
+`--context` (else $KUBECONFIG or ~/.kube/config), falling back to the pod's service account in a cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from trainer import config as config_mod
+from trainer.config import ConfigError
+
+GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
+API_VERSION = f"{GROUP}/{VERSION}"
+RAY_VERSION = "2.60.0"  # the ray[train] pin in pyproject.toml (tests/test_k8s_client.py checks they agree)
+CONFIG_MOUNT = "/etc/dolly-train"
+# KubeRay rejects longer RayJob names (ValidationFailed): it derives RayCluster and pod names from them.
+MAX_NAME = 47
+_NAME = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+EXIT_TIMEOUT = 124  # like coreutils `timeout`
+MERGE_PATCH = "application/merge-patch+json"
+
+
+class K8sError(RuntimeError):
+    """A problem the user can fix (bad input, missing object, no credentials); printed without a traceback."""
+
+
+# ---- connection ---------------------------------------------------------------------------------------------
+
+def api_client(kubeconfig: str | None = None, context: str | None = None):
+    """An ApiClient from the kubeconfig, or from the pod's service account when there is no kubeconfig."""
+    from kubernetes import client, config
+
+    cfg = client.Configuration()
+    try:
+        config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=cfg,
+                                persist_config=False)
+    except (config.ConfigException, OSError) as e:
+        if kubeconfig or context:  # asked for explicitly: falling back would hide the mistake
+            raise K8sError(f"kubeconfig {kubeconfig or '(default)'} context {context or '(current)'}: {e}") from e
+        try:
+            config.load_incluster_config(client_configuration=cfg)
+        except config.ConfigException as e2:
+            raise K8sError(f"no Kubernetes credentials: no kubeconfig ({e}) and not inside a pod ({e2})") from e2
+    return client.ApiClient(cfg)
+
+
+@dataclass
+class RayJobState:
+    """What KubeRay reports about a RayJob, and what it means for a caller waiting on it."""
+
+    name: str
+    namespace: str
+    job_status: str
+    deployment_status: str
+    reason: str
+    message: str
+    cluster: str
+    suspend: bool
+    failed: int
+    start_time: str
+    end_time: str
+
+    @classmethod
+    def from_object(cls, obj: dict) -> "RayJobState":
+        st, meta = obj.get("status") or {}, obj.get("metadata") or {}
+        return cls(
+            name=meta.get("name", ""), namespace=meta.get("namespace", ""),
+            job_status=st.get("jobStatus") or "", deployment_status=st.get("jobDeploymentStatus") or "",
+            reason=st.get("reason") or "", message=st.get("message") or "",
+            cluster=st.get("rayClusterName") or "", suspend=bool((obj.get("spec") or {}).get("suspend")),
+            failed=int(st.get("failed") or 0), start_time=st.get("startTime") or "", end_time=st.get("endTime") or "",
+        )
+
+    @property
+    def outcome(self) -> str:
+        """'succeeded', 'failed' or 'running'. Mirrors the Argo CD health check (manifests/argocd/
+        resource_customizations/ray.io/RayJob/health.lua): a Failed deployment wins over a stale jobStatus."""
+        if self.deployment_status in ("Failed", "ValidationFailed"):
+            return "failed"
+        if self.job_status in ("FAILED", "STOPPED"):
+            return "failed"
+        if self.job_status == "SUCCEEDED":
+            return "succeeded"
+        if self.deployment_status == "Complete":  # finished without a successful Ray job
+            return "failed"
+        return "running"
+
+    def summary(self) -> str:
+        text = f"deployment {self.deployment_status or 'New'}, job {self.job_status or '-'}"
+        if self.suspend:
+            text += ", suspended"
+        if self.outcome == "failed" and self.deployment_status == "Failed" and self.job_status not in ("", "FAILED"):
+            text += f" (KubeRay gave up while the Ray job last reported {self.job_status})"
+        if self.reason:
+            text += f" [{self.reason}]"
+        if self.message:
+            text += f": {self.message}"
+        return text
+
+
+class RayJobClient:
+    def __init__(self, namespace: str, api=None):
+        from kubernetes import client
+
+        self.namespace = namespace
+        self.api = api or api_client()
+        self.custom = client.CustomObjectsApi(self.api)
+        self.core = client.CoreV1Api(self.api)
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        try:
+            return fn(*args, **kwargs)
+        except ApiException as e:
+            raise K8sError(f"{what} in namespace {self.namespace}: {_api_reason(e)}") from e
+        except HTTPError as e:
+            raise K8sError(f"{what}: cannot reach the API server at {self.api.configuration.host}: {e}") from e
+
+    def get(self, name: str) -> dict:
+        return self._call(f"RayJob {name}", self.custom.get_namespaced_custom_object,
+                          GROUP, VERSION, self.namespace, PLURAL, name)
+
+    def state(self, name: str) -> RayJobState:
+        return RayJobState.from_object(self.get(name))
+
+    def create(self, body: dict) -> dict:
+        return self._call(f"create RayJob {body['metadata']['name']}", self.custom.create_namespaced_custom_object,
+                          GROUP, VERSION, self.namespace, PLURAL, body)
+
+    def set_suspend(self, name: str, suspend: bool) -> dict:
+        # A JSON merge patch of one field: KubeRay deletes the RayCluster on true and creates a new one on false.
+        return self._call(f"patch RayJob {name}", self.custom.patch_namespaced_custom_object,
+                          GROUP, VERSION, self.namespace, PLURAL, name, {"spec": {"suspend": suspend}},
+                          _content_type=MERGE_PATCH)
+
+    def delete(self, name: str) -> None:
+        # Foreground: the call returns once the RayJob is marked for deletion; its RayCluster, submitter Job
+        # and (for submit --config) ConfigMap go with it through their ownerReferences.
+        self._call(f"delete RayJob {name}", self.custom.delete_namespaced_custom_object,
+                   GROUP, VERSION, self.namespace, PLURAL, name, propagation_policy="Foreground")
+
+    def create_config_map(self, body: dict) -> dict:
+        return self._call(f"create ConfigMap {body['metadata']['name']}", self.core.create_namespaced_config_map,
+                          self.namespace, body)
+
+    def delete_config_map(self, name: str) -> None:
+        self._call(f"delete ConfigMap {name}", self.core.delete_namespaced_config_map, name, self.namespace)
+
+    def own_config_map(self, config_map: str, rayjob: dict) -> None:
+        owner = {"apiVersion": API_VERSION, "kind": "RayJob", "name": rayjob["metadata"]["name"],
+                 "uid": rayjob["metadata"]["uid"], "blockOwnerDeletion": False}
+        # Explicit content type: for core objects the client defaults to JSON Patch, which needs a list body.
+        self._call(f"patch ConfigMap {config_map}", self.core.patch_namespaced_config_map,
+                   config_map, self.namespace, {"metadata": {"ownerReferences": [owner]}},
+                   _content_type=MERGE_PATCH)
+
+    def submitter_pods(self, name: str) -> list:
+        """Pods of the submitter Kubernetes Job, which KubeRay names after the RayJob; newest last."""
+        pods = self._call(f"list pods of job {name}", self.core.list_namespaced_pod,
+                          self.namespace, label_selector=f"job-name={name}")
+        return sorted(pods.items, key=lambda p: (p.metadata.creation_timestamp, p.metadata.name))
+
+    def pod_log(self, pod: str, follow: bool):
+        """The pod's log: a str, or with follow an iterator of byte chunks as the pod writes them."""
+        if not follow:
+            return self._call(f"logs of pod {pod}", self.core.read_namespaced_pod_log, pod, self.namespace)
+        resp = self._call(f"logs of pod {pod}", self.core.read_namespaced_pod_log, pod, self.namespace,
+                          follow=True, _preload_content=False)
+        return resp.stream(4096, decode_content=True)
+
+
+def _api_reason(e) -> str:
+    try:
+        body = json.loads(e.body)
+        return f"{body.get('reason') or e.reason} ({e.status}): {body.get('message', '')}".rstrip(": ")
+    except (TypeError, ValueError):
+        return f"{e.reason} ({e.status})"
+
+
+# ---- building RayJobs ---------------------------------------------------------------------------------------
+
+def check_name(name: str) -> str:
+    if len(name) > MAX_NAME or not _NAME.fullmatch(name):
+        raise K8sError(f"--name {name!r}: a RayJob name must be 1-{MAX_NAME} lowercase letters, digits or '-', "
+                       "starting with a letter and ending with a letter or digit")
+    return name
+
+
+def rayjob_from_file(path: Path, name: str | None = None) -> tuple[dict, list[str]]:
+    """The RayJob in a (multi-document) YAML file, e.g. `helm template` output, and the other objects' names."""
+    try:
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    except OSError as e:
+        raise K8sError(f"--file {path}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise K8sError(f"--file {path}: not valid YAML: {e}") from e
+    jobs, others = [], []
+    for i, doc in enumerate(docs):
+        if not isinstance(doc, dict):
+            raise K8sError(f"--file {path}: document {i + 1} is a {type(doc).__name__}, not a Kubernetes object")
+        ident = f"{doc.get('kind', '?')}/{(doc.get('metadata') or {}).get('name', '?')}"
+        is_job = doc.get("kind") == "RayJob" and doc.get("apiVersion") == API_VERSION
+        (jobs if is_job else others).append(doc if is_job else ident)
+    if name:
+        jobs = [j for j in jobs if (j.get("metadata") or {}).get("name") == name]
+    if not jobs:
+        raise K8sError(f"--file {path}: no {API_VERSION} RayJob{f' named {name}' if name else ''} among "
+                       f"{len(docs)} documents ({', '.join(others) or 'none'})")
+    if len(jobs) > 1:
+        names = ", ".join(j["metadata"].get("name", "?") for j in jobs)
+        raise K8sError(f"--file {path}: {len(jobs)} RayJobs ({names}); pick one with --name")
+    job = jobs[0]
+    if not (job.get("metadata") or {}).get("name"):
+        raise K8sError(f"--file {path}: the RayJob has no metadata.name")
+    if not isinstance(job.get("spec"), dict) or not (job["spec"].get("entrypoint") or job["spec"].get("rayClusterSpec")):
+        raise K8sError(f"--file {path}: RayJob {job['metadata']['name']} has no spec.entrypoint or spec.rayClusterSpec")
+    return job, others
+
+
+def _container(name: str, image: str, cpu: str, memory: str, gpus: int, mounts: list) -> dict:
+    limits = {"cpu": cpu, "memory": memory}
+    if gpus:
+        limits["nvidia.com/gpu"] = str(gpus)
+    return {"name": name, "image": image, "imagePullPolicy": "IfNotPresent",
+            "resources": {"requests": dict(limits), "limits": limits}, "volumeMounts": mounts}
+
+
+def build_rayjob(name: str, cfg: config_mod.TrainConfig, image: str, *, pvc: str | None = None,
+                 mount_path: str = "/mnt/dolly", head_cpu: str = "1", head_memory: str = "4Gi",
+                 worker_memory: str = "8Gi") -> tuple[dict, dict]:
+    """A RayJob running `dolly-train train` on its own RayCluster (one worker pod per Ray Train worker) and the
+    ConfigMap holding its train.yaml, mounted at /etc/dolly-train in every pod."""
+    config_map = f"{name}-config"
+    mounts = [{"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True}]
+    volumes = [{"name": "config", "configMap": {"name": config_map}}]
+    if pvc:
+        mounts.append({"name": "shared", "mountPath": mount_path})
+        volumes.append({"name": "shared", "persistentVolumeClaim": {"claimName": pvc}})
+    s = cfg.scaling
+    # +1 CPU over the worker's reservation for the raylet and the data-loading threads.
+    worker = _container("ray-worker", image, str(s.cpus_per_worker + 1), worker_memory, int(s.use_gpu), mounts)
+    pod_spec = {"securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000}}
+    labels = {"app.kubernetes.io/name": "dolly-train", "app.kubernetes.io/instance": name,
+              "app.kubernetes.io/managed-by": "dolly-train-cli"}
+    rayjob = {
+        "apiVersion": API_VERSION, "kind": "RayJob",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "entrypoint": f"dolly-train train --config {CONFIG_MOUNT}/train.yaml",
+            "submissionMode": "K8sJobMode",
+            "shutdownAfterJobFinishes": True,
+            "ttlSecondsAfterFinished": 600,
+            "rayClusterSpec": {
+                "rayVersion": RAY_VERSION,
+                "headGroupSpec": {
+                    # num-cpus 0: the driver and Ray Train's controller stay on the head, workers never do.
+                    "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+                    "template": {"metadata": {"labels": labels}, "spec": {
+                        **pod_spec, "volumes": volumes,
+                        "containers": [_container("ray-head", image, head_cpu, head_memory, 0, mounts)]}},
+                },
+                "workerGroupSpecs": [{
+                    "groupName": "gpu" if s.use_gpu else "cpu",
+                    "replicas": s.num_workers, "minReplicas": s.num_workers, "maxReplicas": s.num_workers,
+                    "rayStartParams": {},
+                    "template": {"metadata": {"labels": labels}, "spec": {
+                        **pod_spec, "volumes": volumes, "containers": [worker]}},
+                }],
+            },
+        },
+    }
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": config_map, "labels": labels},
+          "data": {"train.yaml": cfg.to_yaml()}}
+    return rayjob, cm
+
+
+# ---- commands -----------------------------------------------------------------------------------------------
+
+def _client(args) -> RayJobClient:
+    return RayJobClient(args.namespace, api_client(args.kubeconfig, args.context))
+
+
+def cmd_submit(args) -> int:
+    if bool(args.file) == bool(args.config):
+        raise K8sError("submit: give either --file (a RayJob YAML) or --config with --image")
+    if args.file:
+        body, others = rayjob_from_file(Path(args.file), args.name)
+        if args.overrides:
+            raise K8sError(f"submit --file: key=value overrides ({args.overrides[0]}) only apply to --config")
+        if others:
+            print(f"note: submitting only the RayJob; not applied: {', '.join(others)}", file=sys.stderr)
+        body.setdefault("metadata", {}).pop("namespace", None)  # --namespace decides
+        return _print_created(_client(args).create(body))
+    if not args.image or not args.name:
+        raise K8sError("submit --config: --image and --name are required")
+    cfg = config_mod.load(args.config, args.overrides)
+    rayjob, cm = build_rayjob(check_name(args.name), cfg, args.image, pvc=args.pvc, mount_path=args.mount_path,
+                              worker_memory=args.worker_memory)
+    if args.dry_run:
+        yaml.safe_dump_all([cm, rayjob], sys.stdout, sort_keys=False)
+        return 0
+    client = _client(args)
+    client.create_config_map(cm)
+    try:
+        created = client.create(rayjob)
+    except K8sError:
+        client.delete_config_map(cm["metadata"]["name"])  # nothing owns it yet: do not leave it behind
+        raise
+    client.own_config_map(cm["metadata"]["name"], created)
+    return _print_created(created)
+
+
+def _print_created(obj: dict) -> int:
+    meta = obj["metadata"]
+    print(f"rayjob.ray.io/{meta['name']} created in namespace {meta.get('namespace', '?')}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    client = _client(args)
+    obj = client.get(args.name)
+    if args.output == "json":
+        print(json.dumps(obj.get("status") or {}, indent=2, sort_keys=True))
+        return 0
+    s = RayJobState.from_object(obj)
+    rows = [("rayjob", f"{args.namespace}/{s.name}"), ("job status", s.job_status or "-"),
+            ("deployment", s.deployment_status or "New"), ("reason", s.reason or "-"),
+            ("message", s.message or "-"), ("ray cluster", s.cluster or "-"), ("suspend", str(s.suspend).lower()),
+            ("failed attempts", str(s.failed)), ("started", s.start_time or "-"), ("ended", s.end_time or "-"),
+            ("outcome", s.outcome)]
+    for key, value in rows:
+        print(f"{key:<16} {value}")
+    return 0
+
+
+def wait_for(client: RayJobClient, name: str, timeout: float, poll: float, out=None) -> int:
+    """Poll until the RayJob succeeds (0) or fails (1), or `timeout` seconds pass (124); log each change."""
+    out = out or sys.stdout
+    start, last = time.monotonic(), None
+    while True:
+        s = client.state(name)
+        elapsed = time.monotonic() - start
+        if s.summary() != last:
+            last = s.summary()
+            print(f"[{elapsed:7.1f}s] {name}: {last}", file=out, flush=True)
+        if s.outcome == "succeeded":
+            print(f"{name}: SUCCEEDED", file=out, flush=True)
+            return 0
+        if s.outcome == "failed":
+            print(f"{name}: FAILED - {s.summary()}", file=sys.stderr, flush=True)
+            return 1
+        if elapsed >= timeout:
+            print(f"{name}: timed out after {timeout:g} s ({s.summary()})", file=sys.stderr, flush=True)
+            return EXIT_TIMEOUT
+        time.sleep(min(poll, max(timeout - elapsed, 0.01)))
+
+
+def cmd_wait(args) -> int:
+    return wait_for(_client(args), args.name, args.timeout, args.poll)
+
+
+def cmd_logs(args) -> int:
+    client = _client(args)
+    pods = client.submitter_pods(args.name)
+    if not pods:
+        state = client.state(args.name)  # also says "not found" when the RayJob itself is missing
+        raise K8sError(f"RayJob {args.name} has no submitter pod yet (label job-name={args.name} in namespace "
+                       f"{args.namespace}; {state.summary()})")
+    for pod in pods if args.all else pods[-1:]:
+        if args.all:
+            print(f"==> pod {pod.metadata.name}", flush=True)
+        log = client.pod_log(pod.metadata.name, args.follow and pod is pods[-1])
+        if isinstance(log, str):
+            sys.stdout.write(log)
+        else:
+            for chunk in log:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.buffer.flush()
+        sys.stdout.flush()
+    return 0
+
+
+def cmd_suspend(args) -> int:
+    suspend = args.command == "suspend"
+    obj = _client(args).set_suspend(args.name, suspend)
+    print(f"rayjob.ray.io/{args.name} {'suspended' if suspend else 'resumed'} "
+          f"(spec.suspend={str(bool(obj.get('spec', {}).get('suspend'))).lower()})")
+    return 0
+
+
+def cmd_delete(args) -> int:
+    _client(args).delete(args.name)
+    print(f"rayjob.ray.io/{args.name} deleted from namespace {args.namespace}")
+    return 0
+
+
+def _guard(fn):
+    def run(args) -> int:
+        try:
+            return fn(args)
+        except (K8sError, ConfigError) as e:
+            print(f"dolly-train {args.command}: {e}", file=sys.stderr)
+            return 1 if isinstance(e, K8sError) else 2
+    return run
+
+
+# ---- argparse -----------------------------------------------------------------------------------------------
+
+def _common(p: argparse.ArgumentParser, name: bool = True) -> None:
+    if name:
+        p.add_argument("name", help="RayJob name")
+    p.add_argument("-n", "--namespace", default="default", help="namespace of the RayJob")
+    p.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, else in-cluster)")
+    p.add_argument("--context", help="kubeconfig context (default: the current one)")
+
+
+def add_parser(sub) -> None:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = sub.add_parser("submit", formatter_class=fmt, help="create a RayJob from a YAML file or a train config",
+                       description="Create a RayJob: the RayJob in --file (e.g. `helm template` output), or one "
+                                   "built from a train config (--config, a file or preset) and --image, with its "
+                                   "train.yaml in a ConfigMap the RayJob owns.")
+    _common(p, name=False)
+    p.add_argument("--file", help="YAML file holding a ray.io/v1 RayJob (other documents are skipped)")
+    p.add_argument("--config", help="train config file or preset (trainer/config.py schema)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (with --config)")
+    p.add_argument("--image", help="image for head and workers (with --config)")
+    p.add_argument("--name", help="RayJob name (required with --config; picks one RayJob from --file)")
+    p.add_argument("--pvc", help="PersistentVolumeClaim mounted at --mount-path in every pod")
+    p.add_argument("--mount-path", default="/mnt/dolly", help="where --pvc is mounted")
+    p.add_argument("--worker-memory", default="8Gi", help="memory request and limit per worker pod")
+    p.add_argument("--dry-run", action="store_true", help="print the ConfigMap and RayJob instead of creating them")
+    p.set_defaults(func=_guard(cmd_submit))
+
+    p = sub.add_parser("status", formatter_class=fmt, help="show a RayJob's job and deployment status",
+                       description="Print jobStatus, jobDeploymentStatus, reason and message of a RayJob.")
+    _common(p)
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table", help="output format")
+    p.set_defaults(func=_guard(cmd_status))
+
+    p = sub.add_parser("wait", formatter_class=fmt, help="wait for a RayJob to finish",
+                       description="Wait for a RayJob: exit 0 when the Ray job SUCCEEDED, 1 when it failed "
+                                   "(including a Failed/ValidationFailed deployment), 124 on timeout.")
+    _common(p)
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait")
+    p.add_argument("--poll", type=float, default=10.0, help="seconds between status reads")
+    p.set_defaults(func=_guard(cmd_wait))
+
+    p = sub.add_parser("logs", formatter_class=fmt, help="print the submitter pod's logs",
+                       description="Print the logs of the RayJob's submitter pod (the Kubernetes Job KubeRay "
+                                   "names after the RayJob; label job-name), which follows the Ray job's output.")
+    _common(p)
+    p.add_argument("-f", "--follow", action="store_true", help="stream the newest pod's log until it ends")
+    p.add_argument("--all", action="store_true", help="every submitter pod (retries), oldest first")
+    p.set_defaults(func=_guard(cmd_logs))
+
+    for verb, text in (("suspend", "suspend a RayJob (KubeRay deletes its RayCluster)"),
+                       ("resume", "resume a suspended RayJob (KubeRay creates a new RayCluster)")):
+        p = sub.add_parser(verb, formatter_class=fmt, help=text, description=text + " by patching spec.suspend.")
+        _common(p)
+        p.set_defaults(func=_guard(cmd_suspend))
+
+    p = sub.add_parser("delete", formatter_class=fmt, help="delete a RayJob with its cluster and submitter",
+                       description="Delete a RayJob (foreground propagation: its RayCluster, submitter Job and "
+                                   "ConfigMap go with it).")
+    _common(p)
+    p.set_defaults(func=_guard(cmd_delete))

@@ -1,0 +1,217 @@
+"""`dolly-train train`: run the fine-tuning recipe on a Ray cluster with Ray Train's `TorchTrainer`.
+
+    # local: starts a Ray cluster in-process (2 CPU workers, gloo, DeepSpeed ZeRO-2)
+    dolly-train train --config cpu-tiny model.path=work/models/tiny data.path=work/data/synthetic
+    # KubeRay: RAY_ADDRESS is set in the job's pods, so the same command joins that cluster
+    dolly-train train --config /etc/dolly-train/train.yaml
+
+Rerunning the same `checkpoint.run_name` under the same `checkpoint.storage_path` resumes from the latest
+checkpoint (Ray Train restores its run snapshot); `checkpoint.max_failures` lets Ray Train restart the
+worker group from the latest checkpoint after a worker dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import uuid
+from pathlib import Path
+
+from trainer import config as config_mod
+from trainer.config import ConfigError, TrainConfig
+
+# Environment the workers need to see (HF offline mode, test hooks) when Ray starts them elsewhere.
+PROPAGATED_ENV_PREFIXES = ("HF_", "DOLLY_", "TRANSFORMERS_", "NCCL_", "DS_", "TOKENIZERS_", "PYTORCH_")
+
+
+class PreflightError(RuntimeError):
+    """The run cannot start; raised before any worker is created."""
+
+
+def preflight(cfg: TrainConfig) -> None:
+    model = Path(cfg.model.path)
+    # A hub id is exactly "org/name"; anything else (absolute, ./relative, deeper paths) is a folder.
+    looks_local = model.is_absolute() or cfg.model.path.startswith(".") or model.exists() or cfg.model.path.count("/") != 1
+    if looks_local and not (model / "config.json").is_file():
+        raise PreflightError(f"model.path: {cfg.model.path} is not a Hugging Face model folder (no config.json)")
+    if not looks_local and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise PreflightError(f"model.path: {cfg.model.path!r} is a hub id but HF_HUB_OFFLINE=1; pass a local folder")
+    data = Path(cfg.data.path)
+    for split in ("train", "validation"):
+        if not (data / "tokenized" / split).is_dir():
+            raise PreflightError(
+                f"data.path: {data / 'tokenized' / split} is missing; run `dolly-train prepare --out {data}` first")
+    manifest = data / "manifest.json"
+    if manifest.is_file():
+        import json
+
+        prepared = json.loads(manifest.read_text()).get("max_length")
+        if prepared and prepared > cfg.data.max_length:
+            raise PreflightError(
+                f"data.max_length: {cfg.data.max_length} is below the length the data was prepared for "
+                f"({prepared}, {manifest}); examples could not fit a row")
+    if not cfg.is_remote_storage:
+        run_dir = Path(cfg.run_dir())
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / f".write-probe-{uuid.uuid4().hex}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise PreflightError(f"checkpoint.storage_path: cannot write to {run_dir}: {e}") from e
+
+
+def check_cluster_resources(cfg: TrainConfig) -> None:
+    import ray
+
+    res = ray.cluster_resources()
+    s = cfg.scaling
+    if s.use_gpu and res.get("GPU", 0) < s.num_workers:
+        raise PreflightError(
+            f"scaling.use_gpu: the config asks for {s.num_workers} GPU workers but the Ray cluster has "
+            f"{int(res.get('GPU', 0))} GPUs; set scaling.use_gpu=false (CPU workers) or lower scaling.num_workers")
+    need_cpu = s.num_workers * s.cpus_per_worker
+    if res.get("CPU", 0) < need_cpu and not os.environ.get("RAY_ADDRESS"):
+        raise PreflightError(
+            f"scaling: {s.num_workers} workers x {s.cpus_per_worker} CPUs need {need_cpu} CPUs; "
+            f"this machine's Ray cluster has {int(res.get('CPU', 0))}")
+
+
+def train_loop_per_worker(config_dict: dict) -> None:
+    """Runs in every Ray Train worker."""
+    import torch
+
+    from trainer.recipe import OOM_HINT, FullFinetuneRecipe, RayContext
+
+    cfg = config_mod.from_dict(config_dict)
+    if not cfg.scaling.use_gpu:
+        torch.set_num_threads(cfg.scaling.cpus_per_worker)
+    ctx = RayContext(cfg)
+    pid_dir = os.environ.get("DOLLY_PID_DIR")  # lets the fault-tolerance test kill a real worker process
+    if pid_dir:
+        Path(pid_dir).mkdir(parents=True, exist_ok=True)
+        (Path(pid_dir) / f"rank{ctx.rank}.pid").write_text(str(os.getpid()))
+    recipe = FullFinetuneRecipe(cfg, ctx)
+    try:
+        recipe.setup()
+        recipe.train()
+        if cfg.checkpoint.export:
+            export_dir = Path(cfg.run_dir()) / "export" if not cfg.is_remote_storage else Path("/tmp") / cfg.checkpoint.run_name / "export"
+            out = recipe.export(export_dir)
+            if out is not None and cfg.is_remote_storage:
+                import pyarrow.fs
+
+                pyarrow.fs.copy_files(str(out), f"{cfg.run_dir()}/export")
+            if out is not None:
+                print(f"[dolly-train] exported Hugging Face model to {cfg.run_dir()}/export", flush=True)
+    except torch.OutOfMemoryError as e:
+        raise RuntimeError(OOM_HINT) from e
+    finally:
+        recipe.cleanup()
+
+
+def run_training(cfg: TrainConfig) -> object:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    preflight(cfg)
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init()
+        else:
+            ray.init(num_cpus=max(os.cpu_count() or 1, cfg.scaling.num_workers * cfg.scaling.cpus_per_worker),
+                     include_dashboard=False, log_to_driver=True)
+    check_cluster_resources(cfg)
+    if not cfg.is_remote_storage:
+        (Path(cfg.run_dir()) / "config.yaml").write_text(cfg.to_yaml())
+    s = cfg.scaling
+    env = {k: v for k, v in os.environ.items() if k.startswith(PROPAGATED_ENV_PREFIXES)}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg.to_dict(),
+        scaling_config=ScalingConfig(
+            num_workers=s.num_workers,
+            use_gpu=s.use_gpu,
+            resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=cfg.checkpoint.run_name,
+            storage_path=cfg.checkpoint.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            worker_runtime_env={"env_vars": env},
+        ),
+    )
+    return trainer.fit()
+
+
+# ---- CLI --------------------------------------------------------------------------------------
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="fine-tune with Ray Train + DeepSpeed (resumes a run of the same name)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", required=False, help=f"YAML file or preset name ({', '.join(config_mod.PRESETS)})")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config values, e.g. optim.lr=2e-5")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its help text and exit")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=run_train)
+
+    r = sub.add_parser(
+        "render-deepspeed",
+        help="write the DeepSpeed JSON of a config (the files in trainer/configs/deepspeed/)",
+        description="Render the DeepSpeed JSON for a config; with --check, fail when the committed file differs.",
+    )
+    r.add_argument("--config", required=True, help="YAML file or preset name")
+    r.add_argument("--out", help="output file (default: stdout)")
+    r.add_argument("--check", action="store_true", help="exit 1 if --out differs from the rendering")
+    r.set_defaults(func=run_render)
+
+
+def run_train(args) -> int:
+    if args.help_config:
+        for key, help_text, default in config_mod.describe():
+            print(f"{key:38s} {help_text} [default: {default!r}]")
+        return 0
+    if not args.config:
+        print("dolly-train train: --config is required (a YAML file or a preset)", file=sys.stderr)
+        return 2
+    try:
+        cfg = config_mod.load(args.config, args.overrides)
+        if args.print_config:
+            print(cfg.to_yaml(), end="")
+            return 0
+        result = run_training(cfg)
+    except (ConfigError, PreflightError) as e:
+        print(f"dolly-train train: {e}", file=sys.stderr)
+        return 2
+    if getattr(result, "error", None):
+        print(f"dolly-train train: the run failed: {result.error}", file=sys.stderr)
+        return 1
+    print(f"[dolly-train] done: run dir {cfg.run_dir()}", flush=True)
+    return 0
+
+
+def run_render(args) -> int:
+    try:
+        cfg = config_mod.load(args.config)
+    except ConfigError as e:
+        print(f"dolly-train render-deepspeed: {e}", file=sys.stderr)
+        return 2
+    text = config_mod.render_deepspeed_json(cfg)
+    if args.check:
+        current = Path(args.out).read_text() if args.out and Path(args.out).exists() else ""
+        if current != text:
+            print(f"{args.out} differs from the rendering of {args.config}", file=sys.stderr)
+            return 1
+        return 0
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        print(text, end="")
+    return 0

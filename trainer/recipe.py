@@ -1,0 +1,562 @@
+"""Full fine-tuning recipe: what one training worker does (setup -> train -> save_checkpoint -> cleanup).
+
+It runs inside each Ray Train worker (`trainer.launch`), or without Ray at world size 1 (`LocalContext`,
+used by `bench/train_throughput.py` and the packing tests), with the same DeepSpeed engine, data collation
+and attention path either way.
+
+Loss: cross-entropy over response tokens only, normalised by the number of response tokens in the whole
+optimizer step across all workers and micro-batches (every worker knows it from the shared epoch plan, so it
+costs no communication). The LM head runs only on positions that have a label: with Dolly's prompts that
+skips the 32,768-way projection for most prompt tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from trainer.config import TrainConfig, deepspeed_config
+from trainer.data.packing import (
+    EpochPlan,
+    attention_inputs,
+    collate_packed,
+    plan_epoch,
+    shard_batches,
+)
+from trainer.prompt import IGNORE_INDEX
+
+OOM_HINT = (
+    "Out of GPU memory. Knobs, cheapest first: model.activation_checkpointing=true, a smaller "
+    "batch.micro_batch_size (raise batch.gradient_accumulation_steps to keep the global batch), "
+    "deepspeed.stage=3, deepspeed.offload_optimizer=true, deepspeed.offload_params=true, more workers."
+)
+
+
+# ---- where the recipe runs -------------------------------------------------------------------------
+
+class LocalContext:
+    """World size 1, no Ray: checkpoints are plain directories under `run_dir`."""
+
+    rank = 0
+    world_size = 1
+    local_rank = 0
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+
+    def latest_checkpoint(self) -> Path | None:
+        ckpts = sorted(self.run_dir.glob("checkpoint_*"))
+        return ckpts[-1] if ckpts else None
+
+    @contextlib.contextmanager
+    def checkpoint_dir(self, name: str) -> Iterator[Path]:
+        final = self.run_dir / name
+        tmp = self.run_dir / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        yield tmp
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+
+    def report(self, metrics: dict, checkpoint: Path | None = None) -> None:
+        pass
+
+
+class RayContext:
+    """Ray Train V2 worker: rank/world from the train context, checkpoints through `ray.train.report`."""
+
+    def __init__(self, cfg: TrainConfig):
+        import ray.train
+
+        self._train = ray.train
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self.local_rank = ctx.get_local_rank()
+        self.run_dir = Path(cfg.run_dir()) if not cfg.is_remote_storage else None
+        self._pending: Any = None
+
+    def latest_checkpoint(self):
+        ckpt = self._train.get_checkpoint()
+        if ckpt is None:
+            return None
+        if self.run_dir is not None and Path(ckpt.path).is_dir():
+            return Path(ckpt.path)  # shared filesystem: read in place
+        return Path(ckpt.to_directory())  # object storage: download
+
+    @contextlib.contextmanager
+    def checkpoint_dir(self, name: str) -> Iterator[Path]:
+        # Shared filesystem: every rank writes its shards straight into the run dir (no second copy of
+        # ~100 GB of optimizer state for a 7B model); object storage: write locally, Ray uploads.
+        if self.run_dir is not None:
+            path = self.run_dir / name
+            path.mkdir(parents=True, exist_ok=True)
+            yield path
+            self._pending = (path, "NO_UPLOAD", name)
+        else:
+            tmp = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+            yield tmp
+            self._pending = (tmp, "SYNC", name)
+
+    def report(self, metrics: dict, checkpoint: Path | None = None) -> None:
+        from ray.train import Checkpoint
+        from ray.train.v2.api.report_config import CheckpointUploadMode
+
+        if checkpoint is None:
+            self._train.report(metrics)
+            return
+        path, mode, name = self._pending
+        self._train.report(
+            metrics,
+            checkpoint=Checkpoint.from_directory(str(path)),
+            checkpoint_dir_name=name,
+            checkpoint_upload_mode=CheckpointUploadMode[mode],
+        )
+        if mode == "SYNC":
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# ---- the model wrapper DeepSpeed trains ----------------------------------------------------------
+
+class CausalLMWithResponseLoss(torch.nn.Module):
+    """HF causal LM + a loss that runs the LM head only where a label exists. Returns
+    (sum of token losses x `scale`, number of label tokens)."""
+
+    def __init__(self, model: torch.nn.Module, attn_implementation: str):
+        super().__init__()
+        self.model = model
+        self.attn_implementation = attn_implementation
+
+    def forward(self, input_ids, labels, position_ids, doc_ids, scale):
+        extra = attention_inputs({"doc_ids": doc_ids, "position_ids": position_ids}, self.attn_implementation,
+                                 self.model.dtype)
+        hidden = self.model.model(input_ids=input_ids, use_cache=False, **extra).last_hidden_state  # (B, L, H)
+        targets = labels[:, 1:]  # token t predicts t+1
+        keep = targets != IGNORE_INDEX
+        h = hidden[:, :-1][keep]  # (N, H) only positions with a label
+        logits = self.model.lm_head(h).float()  # (N, V)
+        loss_sum = F.cross_entropy(logits, targets[keep], reduction="sum")
+        return loss_sum * scale, keep.sum()
+
+
+# ---- progress record ---------------------------------------------------------------------------
+
+@dataclass
+class Progress:
+    epoch: int = 0
+    step_in_epoch: int = 0  # optimizer steps done in `epoch`
+    global_step: int = 0
+    tokens_seen: int = 0
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int):
+    warm, decay, floor = cfg.schedule.warmup_steps, cfg.schedule.decay, cfg.schedule.min_lr_ratio
+
+    def fn(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if decay == "constant":
+            return 1.0
+        t = min(1.0, (step - warm) / max(1, total_steps - warm))
+        shape = 0.5 * (1 + math.cos(math.pi * t)) if decay == "cosine" else 1 - t
+        return floor + (1 - floor) * shape
+
+    return fn
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """A quick matmul rate on this device, the MFU denominator (bf16 on GPUs, fp32 on CPUs)."""
+    n = 8192 if device.type == "cuda" else 512
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    reps = 20 if device.type == "cuda" else 5
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+class FullFinetuneRecipe:
+    def __init__(self, cfg: TrainConfig, ctx, model_factory=None):
+        self.cfg = cfg
+        self.ctx = ctx
+        self._model_factory = model_factory  # the benchmark passes one (random weights, no download)
+        if cfg.scaling.use_gpu and not torch.cuda.is_available():
+            raise RuntimeError("scaling.use_gpu is true but this worker sees no CUDA device")
+        self.is_main = ctx.rank == 0
+
+    # ---- setup ---------------------------------------------------------------------------------
+    def setup(self, train_examples: list[dict] | None = None, val_examples: list[dict] | None = None) -> None:
+        self._seed_everything(self.cfg.seed + self.ctx.rank)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.cfg.scaling.use_gpu else torch.device("cpu")
+        self.dtype = torch.bfloat16 if self.cfg.model.precision == "bf16" else torch.float32
+        self._setup_data(train_examples, val_examples)
+        self.ds_config = deepspeed_config(self.cfg)
+        model = self._setup_model()
+        self._setup_engine(model)
+        self.progress = Progress()
+        self._maybe_resume()
+        self.peak_flops = measure_peak_flops(self.device, self.dtype)
+        self.metrics = MetricLogger(self.cfg, enabled=self.is_main)
+
+    def _setup_data(self, train_examples, val_examples) -> None:
+        if train_examples is None:
+            from datasets import load_from_disk
+
+            root = Path(self.cfg.data.path) / "tokenized"
+            train_examples = load_from_disk(str(root / "train")).select_columns(["id", "input_ids", "labels"]).to_list()
+            val_examples = load_from_disk(str(root / "validation")).select_columns(["id", "input_ids", "labels"]).to_list()
+        self.train_examples = train_examples
+        self.val_examples = val_examples or []
+        self.lengths = [len(e["input_ids"]) for e in train_examples]
+        self.n_labels = [sum(1 for x in e["labels"] if x != IGNORE_INDEX) for e in train_examples]
+        too_long = [i for i, n in enumerate(self.lengths) if n > self.cfg.data.max_length]
+        if too_long:
+            raise ValueError(
+                f"{len(too_long)} training examples exceed data.max_length={self.cfg.data.max_length} "
+                f"(longest {max(self.lengths)}); re-run `dolly-train prepare --max-length` with the same length"
+            )
+        self.accum = self.cfg.batch.gradient_accumulation_steps
+        multiple = self.ctx.world_size * self.accum
+        plan = self._plan(0)
+        self.steps_per_epoch = len(plan.batches) // multiple
+        full = self.steps_per_epoch * self.cfg.schedule.epochs
+        self.total_steps = self.cfg.schedule.max_steps or full
+
+    def _plan(self, epoch: int) -> EpochPlan:
+        return plan_epoch(self.lengths, self.cfg.data.max_length, self.cfg.data.packing,
+                          self.cfg.batch.micro_batch_size, self.cfg.seed, epoch,
+                          self.ctx.world_size * self.cfg.batch.gradient_accumulation_steps)
+
+    def _setup_model(self) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # Keep this object alive: while it exists, from_pretrained/from_config build the model under
+        # deepspeed.zero.Init for ZeRO-3, so no rank ever holds the whole model.
+        self._hf_ds = HfDeepSpeedConfig(self.ds_config) if self.cfg.deepspeed.stage == 3 else None
+        kwargs = dict(dtype=self.dtype, attn_implementation=self._hf_attn())
+        if self._model_factory is not None:
+            model = self._model_factory(**kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(self.cfg.model.path, **kwargs)
+        model.config.use_cache = False
+        if self.cfg.model.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        return CausalLMWithResponseLoss(model, self.cfg.model.attn_implementation)
+
+    def _hf_attn(self) -> str:
+        return self.cfg.model.attn_implementation
+
+    def _setup_engine(self, model: torch.nn.Module) -> None:
+        import deepspeed
+
+        o = self.cfg.optim
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if self.cfg.deepspeed.offload_optimizer:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, adamw_mode=True)
+        else:
+            fused = self.device.type == "cuda"
+            optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused,
+                                          foreach=None if fused else True)
+        schedule = lr_lambda(self.cfg, self.total_steps)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+            config=self.ds_config,
+            dist_init_required=False if torch.distributed.is_initialized() else None,
+        )
+
+    def _seed_everything(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    # ---- resume ------------------------------------------------------------------------------
+    def _maybe_resume(self) -> None:
+        ckpt = self.ctx.latest_checkpoint()
+        if ckpt is None:
+            return
+        path, _ = self.engine.load_checkpoint(str(ckpt / "deepspeed"), tag="state",
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"{ckpt}: no DeepSpeed state could be loaded")
+        self.progress = Progress(**json.loads((ckpt / "progress.json").read_text()))
+        rng = ckpt / f"rng_rank{self.ctx.rank}.pt"
+        if rng.exists():
+            state = torch.load(rng, weights_only=False)
+            random.setstate(state["python"])
+            np.random.set_state(state["numpy"])
+            torch.set_rng_state(state["torch"])
+            if state.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state(state["cuda"])
+        if self.is_main:
+            print(f"[dolly-train] resumed from {ckpt} at step {self.progress.global_step} "
+                  f"(epoch {self.progress.epoch}, step {self.progress.step_in_epoch} of {self.steps_per_epoch})",
+                  flush=True)
+        self._resumed_from = str(ckpt)
+
+    # ---- one optimizer step ------------------------------------------------------------------
+    def step_batches(self, plan: EpochPlan, step_in_epoch: int) -> tuple[list[dict], int, int]:
+        """This worker's micro-batches for a step, the step's global label-token count and real tokens."""
+        W, A = self.ctx.world_size, self.accum
+        lo, hi = step_in_epoch * W * A, (step_in_epoch + 1) * W * A
+        step_batches = plan.batches[lo:hi]  # all workers' micro-batches of this step
+        global_labels = sum(self.n_labels[i] for b in step_batches for row in b for i in row)
+        mine = shard_batches(step_batches, self.ctx.rank, W)
+        micro = [self.collate(b) for b in mine]
+        real = sum(self.lengths[i] for b in mine for row in b for i in row)
+        return micro, global_labels, real
+
+    def collate(self, rows: list[list[int]]) -> dict:
+        examples = [[self.train_examples[i] for i in row] for row in rows]
+        L = self.cfg.data.max_length if self.cfg.data.packing else max(
+            [sum(self.lengths[i] for i in row) for row in rows] + [1])
+        return collate_packed(examples, L)
+
+    def train_step(self, micro: list[dict], global_labels: int) -> dict:
+        W, A = self.ctx.world_size, self.accum
+        # DeepSpeed divides by A (gradient accumulation) and averages over W workers; undo both so the
+        # step's gradient is the mean over every response token of the global batch.
+        scale = W * A / max(global_labels, 1)
+        loss_total = torch.zeros((), device=self.device)
+        for mb in micro:
+            mb = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
+            loss, _ = self.engine(mb["input_ids"], mb["labels"], mb["position_ids"], mb["doc_ids"], scale)
+            self.engine.backward(loss)
+            self.engine.step()
+            loss_total += loss.detach()
+        return {"loss_scaled_sum": loss_total}
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def train(self) -> None:
+        cfg, p = self.cfg, self.progress
+        last_ckpt_step = p.global_step if getattr(self, "_resumed_from", None) else -1
+        bar = self._progress_bar()
+        window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
+        loss_acc = torch.zeros((), device=self.device)
+        while p.global_step < self.total_steps:
+            plan = self._plan(p.epoch)
+            while p.step_in_epoch < self.steps_per_epoch and p.global_step < self.total_steps:
+                micro, global_labels, real = self.step_batches(plan, p.step_in_epoch)
+                out = self.train_step(micro, global_labels)
+                loss_acc += out["loss_scaled_sum"] / (self.ctx.world_size * self.accum)
+                p.step_in_epoch += 1
+                p.global_step += 1
+                window_tokens += real
+                window_steps += 1
+                if bar is not None:
+                    bar.update(1)
+                if p.global_step % cfg.logging.every_steps == 0 or p.global_step == self.total_steps:
+                    window_t, window_tokens, window_steps, loss_acc = self._log_train(
+                        plan, window_t, window_tokens, window_steps, loss_acc, bar)
+                if p.global_step % cfg.logging.eval_every_steps == 0 and p.global_step < self.total_steps:
+                    self._log_eval()
+                if p.global_step % cfg.checkpoint.every_steps == 0 and p.global_step < self.total_steps:
+                    self.save_checkpoint()
+                    last_ckpt_step = p.global_step
+            if p.step_in_epoch >= self.steps_per_epoch:
+                p.epoch += 1
+                p.step_in_epoch = 0
+        self._log_eval()
+        if last_ckpt_step != p.global_step:
+            self.save_checkpoint(final=True)
+        if bar is not None:
+            bar.close()
+
+    def _progress_bar(self):
+        if not self.is_main:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.total_steps, initial=self.progress.global_step, desc="train", unit="step",
+                    disable=None, dynamic_ncols=True)
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.ctx.world_size > 1:
+            torch.distributed.all_reduce(t)
+        return t
+
+    def _log_train(self, plan, window_t, window_tokens, window_steps, loss_acc, bar):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - window_t
+        tokens = self._all_reduce(torch.tensor(float(window_tokens), device=self.device)).item()
+        loss = self._all_reduce(loss_acc.clone()).item() / max(window_steps, 1)
+        tps = tokens / elapsed
+        p = self.progress
+        p.tokens_seen += int(tokens)
+        grad_norm = self.engine.get_global_grad_norm()
+        m = {
+            "step": p.global_step,
+            "epoch": p.epoch + p.step_in_epoch / max(self.steps_per_epoch, 1),
+            "loss": loss,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens_per_s": tps,
+            "tokens_per_s_per_worker": tps / self.ctx.world_size,
+            "mfu": 6 * self.n_params * tps / (self.peak_flops * self.ctx.world_size),
+            "packing_efficiency": plan.efficiency,
+            "step_time_s": elapsed / max(window_steps, 1),
+            "tokens_seen": p.tokens_seen,
+        }
+        if self.device.type == "cuda":
+            m["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        self.metrics.log("train", m)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", lr=f"{m['lr']:.2e}")
+        self.ctx.report({k: v for k, v in m.items() if v is not None})
+        return time.perf_counter(), 0, 0, torch.zeros((), device=self.device)
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if not self.val_examples:
+            return None
+        lengths = [len(e["input_ids"]) for e in self.val_examples]
+        plan = plan_epoch(lengths, self.cfg.data.max_length, self.cfg.data.packing, self.cfg.batch.micro_batch_size,
+                          seed=0, epoch=0, multiple=self.ctx.world_size)
+        mine = shard_batches(plan.batches, self.ctx.rank, self.ctx.world_size)
+        if self.cfg.logging.eval_max_batches:
+            mine = mine[: self.cfg.logging.eval_max_batches]
+        total = torch.zeros(2, device=self.device)
+        self.engine.eval()
+        for rows in mine:
+            L = self.cfg.data.max_length if self.cfg.data.packing else max(
+                [sum(lengths[i] for i in row) for row in rows] + [1])
+            mb = collate_packed([[self.val_examples[i] for i in row] for row in rows], L)
+            mb = {k: v.to(self.device) for k, v in mb.items()}
+            loss_sum, n = self.engine(mb["input_ids"], mb["labels"], mb["position_ids"], mb["doc_ids"], 1.0)
+            total += torch.stack([loss_sum.float(), n.float()])
+        self.engine.train()
+        self._all_reduce(total)
+        return (total[0] / total[1].clamp(min=1)).item()
+
+    def _log_eval(self) -> None:
+        val = self.evaluate()
+        if val is not None:
+            self.metrics.log("eval", {"step": self.progress.global_step, "val_loss": val})
+
+    # ---- checkpoints and export --------------------------------------------------------------
+    def save_checkpoint(self, final: bool = False) -> None:
+        p = self.progress
+        name = f"checkpoint_{p.global_step:08d}"
+        t0 = time.perf_counter()
+        with self.ctx.checkpoint_dir(name) as d:
+            self.engine.save_checkpoint(str(d / "deepspeed"), tag="state")
+            rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                   "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+            torch.save(rng, d / f"rng_rank{self.ctx.rank}.pt")
+            if self.is_main:
+                (d / "progress.json").write_text(json.dumps(p.__dict__, indent=2))
+                (d / "config.yaml").write_text(self.cfg.to_yaml())
+                model = self.engine.module.model
+                model.config.save_pretrained(d / "hf")
+                if model.generation_config is not None:
+                    model.generation_config.save_pretrained(d / "hf")
+                copy_tokenizer(self.cfg.model.path, d / "hf")
+        if self.ctx.world_size > 1:
+            torch.distributed.barrier()
+        save_s = time.perf_counter() - t0
+        m = {"step": p.global_step, "checkpoint": name, "save_seconds": save_s, "final": final}
+        self.metrics.log("checkpoint", m)
+        self.ctx.report({"step": p.global_step, "checkpoint_save_s": save_s}, checkpoint=d)
+
+    def export(self, out: str | Path) -> Path | None:
+        """Consolidated Hugging Face folder (all ranks must call: ZeRO-3 gathers the shards)."""
+        from trainer.export import save_hf_folder
+
+        module = self.engine.module
+        if self.cfg.deepspeed.stage == 3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()
+        else:
+            state = module.state_dict() if self.is_main else None
+        if not self.is_main:
+            return None
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+        return save_hf_folder(module.model.config, state, out, tokenizer_from=self.cfg.model.path,
+                              generation_config=module.model.generation_config)
+
+    def cleanup(self) -> None:
+        self.metrics.close()
+
+
+def copy_tokenizer(src: str | Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.model", "tokenizer.model.v3", "tokenizer_config.json", "special_tokens_map.json",
+                 "tokenizer.json"):
+        f = Path(src) / name
+        if f.is_file():
+            shutil.copyfile(f, dst / name)
+
+
+# ---- metrics ----------------------------------------------------------------------------------
+
+class MetricLogger:
+    """Rank 0 only: JSON lines in <run>/metrics.jsonl and TensorBoard events in <run>/tensorboard."""
+
+    def __init__(self, cfg: TrainConfig, enabled: bool):
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        root = Path(cfg.run_dir()) if not cfg.is_remote_storage else Path(tempfile.gettempdir()) / "dolly-train" / cfg.checkpoint.run_name
+        root.mkdir(parents=True, exist_ok=True)
+        self.path = root / "metrics.jsonl"
+        self.fh = open(self.path, "a", buffering=1)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(root / "tensorboard"))
+        except ImportError:
+            self.tb = None
+
+    def log(self, kind: str, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"kind": kind, "time": time.time(), **metrics}
+        self.fh.write(json.dumps(record) + "\n")
+        if kind == "train":
+            print("[dolly-train] " + " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()), flush=True)
+        elif kind == "eval":
+            print(f"[dolly-train] step={metrics['step']} val_loss={metrics['val_loss']:.4f}", flush=True)
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                    self.tb.add_scalar(f"{kind}/{k}", v, metrics["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.fh.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
