@@ -307,6 +307,7 @@ def test_out_dir_is_replaced_whole(tmp_path, tok):
     prepare(source="synthetic", out=out, tokenizer=tok, max_length=256, num_examples=30, val_size=3, test_size=3)
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "test.jsonl", "tokenized", "train.jsonl",
                                                       "validation.jsonl"]
+    assert out.stat().st_mode & 0o777 == 0o755  # readable by the other users of a shared volume
     before = (out / "train.jsonl").read_bytes()
     with pytest.raises(DataError):  # a failed run leaves the previous output as it was
         prepare(source="synthetic", out=out, tokenizer=tok, max_length=256, num_examples=4, val_size=2, test_size=2)

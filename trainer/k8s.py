@@ -208,6 +208,17 @@ def check_name(name: str) -> str:
     return name
 
 
+def check_pod_paths(cfg: config_mod.TrainConfig) -> None:
+    """Relative paths would resolve in the head pod's working directory, not on the shared volume."""
+    paths = {"data.path": cfg.data.path}
+    if not cfg.is_remote_storage:
+        paths["checkpoint.storage_path"] = cfg.checkpoint.storage_path
+    for key, value in paths.items():
+        if not value.startswith("/"):
+            raise K8sError(f"{key}: {value!r} must be an absolute path inside the pods (e.g. under --mount-path); "
+                           f"override it, e.g. {key}=/mnt/dolly/...")
+
+
 def rayjob_from_file(path: Path, name: str | None = None) -> tuple[dict, list[str]]:
     """The RayJob in a (multi-document) YAML file, e.g. `helm template` output, and the other objects' names."""
     try:
@@ -296,6 +307,17 @@ def build_rayjob(name: str, cfg: config_mod.TrainConfig, image: str, *, pvc: str
     return rayjob, cm
 
 
+class _ManifestDumper(yaml.SafeDumper):
+    """kubectl-like YAML: multi-line strings (train.yaml) as `|` blocks, shared dicts repeated, not aliased."""
+
+    def ignore_aliases(self, data):
+        return True
+
+
+_ManifestDumper.add_representer(str, lambda d, s: d.represent_scalar(
+    "tag:yaml.org,2002:str", s, style="|" if "\n" in s else None))
+
+
 # ---- commands -----------------------------------------------------------------------------------------------
 
 def _client(args) -> RayJobClient:
@@ -315,11 +337,13 @@ def cmd_submit(args) -> int:
         return _print_created(_client(args).create(body))
     if not args.image or not args.name:
         raise K8sError("submit --config: --image and --name are required")
+    name = check_name(args.name)
     cfg = config_mod.load(args.config, args.overrides)
-    rayjob, cm = build_rayjob(check_name(args.name), cfg, args.image, pvc=args.pvc, mount_path=args.mount_path,
+    check_pod_paths(cfg)
+    rayjob, cm = build_rayjob(name, cfg, args.image, pvc=args.pvc, mount_path=args.mount_path,
                               worker_memory=args.worker_memory)
     if args.dry_run:
-        yaml.safe_dump_all([cm, rayjob], sys.stdout, sort_keys=False)
+        yaml.dump_all([cm, rayjob], sys.stdout, Dumper=_ManifestDumper, sort_keys=False)
         return 0
     client = _client(args)
     client.create_config_map(cm)
@@ -431,13 +455,13 @@ def _guard(fn):
 def _common(p: argparse.ArgumentParser, name: bool = True) -> None:
     if name:
         p.add_argument("name", help="RayJob name")
-    p.add_argument("-n", "--namespace", default="default", help="namespace of the RayJob")
+    p.add_argument("-n", "--namespace", default="default", help="namespace of the RayJob (default: %(default)s)")
     p.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, else in-cluster)")
     p.add_argument("--context", help="kubeconfig context (default: the current one)")
 
 
 def add_parser(sub) -> None:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = argparse.HelpFormatter
     p = sub.add_parser("submit", formatter_class=fmt, help="create a RayJob from a YAML file or a train config",
                        description="Create a RayJob: the RayJob in --file (e.g. `helm template` output), or one "
                                    "built from a train config (--config, a file or preset) and --image, with its "
@@ -449,23 +473,23 @@ def add_parser(sub) -> None:
     p.add_argument("--image", help="image for head and workers (with --config)")
     p.add_argument("--name", help="RayJob name (required with --config; picks one RayJob from --file)")
     p.add_argument("--pvc", help="PersistentVolumeClaim mounted at --mount-path in every pod")
-    p.add_argument("--mount-path", default="/mnt/dolly", help="where --pvc is mounted")
-    p.add_argument("--worker-memory", default="8Gi", help="memory request and limit per worker pod")
+    p.add_argument("--mount-path", default="/mnt/dolly", help="where --pvc is mounted (default: %(default)s)")
+    p.add_argument("--worker-memory", default="8Gi", help="memory request and limit per worker pod (default: %(default)s)")
     p.add_argument("--dry-run", action="store_true", help="print the ConfigMap and RayJob instead of creating them")
     p.set_defaults(func=_guard(cmd_submit))
 
     p = sub.add_parser("status", formatter_class=fmt, help="show a RayJob's job and deployment status",
                        description="Print jobStatus, jobDeploymentStatus, reason and message of a RayJob.")
     _common(p)
-    p.add_argument("-o", "--output", choices=("table", "json"), default="table", help="output format")
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table", help="output format (default: %(default)s)")
     p.set_defaults(func=_guard(cmd_status))
 
     p = sub.add_parser("wait", formatter_class=fmt, help="wait for a RayJob to finish",
                        description="Wait for a RayJob: exit 0 when the Ray job SUCCEEDED, 1 when it failed "
                                    "(including a Failed/ValidationFailed deployment), 124 on timeout.")
     _common(p)
-    p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait")
-    p.add_argument("--poll", type=float, default=10.0, help="seconds between status reads")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait (default: %(default)s)")
+    p.add_argument("--poll", type=float, default=10.0, help="seconds between status reads (default: %(default)s)")
     p.set_defaults(func=_guard(cmd_wait))
 
     p = sub.add_parser("logs", formatter_class=fmt, help="print the submitter pod's logs",

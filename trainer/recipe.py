@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import zlib
 import math
 import os
 import random
@@ -214,6 +215,7 @@ class FullFinetuneRecipe:
         model = self._setup_model()
         self._setup_engine(model)
         self.progress = Progress()
+        self._fingerprint = 0
         self._maybe_resume()
         self.peak_flops = measure_peak_flops(self.device, self.dtype)
         self.metrics = MetricLogger(self.cfg, enabled=self.is_main)
@@ -331,6 +333,8 @@ class FullFinetuneRecipe:
         mine = shard_batches(step_batches, self.ctx.rank, W)
         micro = [self.collate(b) for b in mine]
         real = sum(self.lengths[i] for b in mine for row in b for i in row)
+        # crc of the whole step's example indices, in order: lets a resumed run prove it saw the same data
+        self._fingerprint = zlib.crc32(repr(step_batches).encode(), self._fingerprint)
         return micro, global_labels, real
 
     def collate(self, rows: list[list[int]]) -> dict:
@@ -424,7 +428,9 @@ class FullFinetuneRecipe:
             "packing_efficiency": plan.efficiency,
             "step_time_s": elapsed / max(window_steps, 1),
             "tokens_seen": p.tokens_seen,
+            "data_fingerprint": self._fingerprint,
         }
+        self._fingerprint = 0
         if self.device.type == "cuda":
             m["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
         self.metrics.log("train", m)

@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Iterable
@@ -36,7 +37,7 @@ log = logging.getLogger("dolly-train.prepare")
 
 SCHEMA_VERSION = 1
 SYNTHETIC_DEFAULT_EXAMPLES = 2000
-TOKENIZED_SPLITS = ("train", "validation")  # test is generated from at eval time: only its jsonl is written
+TOKENIZED_SPLITS = ("train", "validation")  # the evaluator encodes test.jsonl's prompts itself
 ENCODE_BATCH = 1024
 MAX_SKIP_WARNINGS = 20  # one line per skipped record up to this many; the manifest counts them all
 
@@ -96,6 +97,7 @@ def collect(raws: Iterable[Raw], skip_invalid: bool, num_examples: int | None) -
 def tokenize(records: list[dict], encoder: PromptEncoder, max_length: int) -> tuple[list[dict], list[dict], int]:
     """(kept records, their encodings, number dropped for being longer than max_length)."""
     kept, encoded, too_long = [], [], 0
+    start_time = time.perf_counter()
     with tqdm(total=len(records), desc="tokenize", unit="rec", disable=None) as bar:
         for start in range(0, len(records), ENCODE_BATCH):
             batch = records[start : start + ENCODE_BATCH]
@@ -107,6 +109,7 @@ def tokenize(records: list[dict], encoder: PromptEncoder, max_length: int) -> tu
                 encoded.append({"id": record["id"], "category": record["category"],
                                 "input_ids": enc.input_ids, "labels": enc.labels})
             bar.update(len(batch))
+    log.info("tokenized %d records in %.1f s", len(records), time.perf_counter() - start_time)
     return kept, encoded, too_long
 
 
@@ -133,6 +136,7 @@ def write_out(out: Path, splits: dict[str, list[dict]], encoded: dict[str, dict]
     """Everything into a temp dir beside `out`, then one rename (the old dir is removed only after it)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would hide the data from other users of a shared volume
     try:
         manifest["splits"] = {}
         for name in SPLITS:
@@ -210,7 +214,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "prepare",
         help="validate, split and tokenize Dolly (hub, a jsonl file, or the embedded synthetic set)",
-        description=__doc__.split("\n\n")[0] + " Writes docs/CONTRACTS.md's prepared data dir.",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Exit status: 0 ok, 2 bad input (the message names file, line and field).",
     )

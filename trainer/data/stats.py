@@ -99,7 +99,10 @@ def compute_stats(data: Path, max_length: int | None = None, batch_size: int = 8
     if not isinstance(max_length, int) or max_length < 1:
         raise DataError(f"{data / 'manifest.json'}: field 'max_length' is {max_length!r}; pass --max-length", "io")
     lengths = split_lengths(data, manifest)
-    stats = {"data": str(data.resolve()), "max_length": max_length, "splits": {}, "packing": {}}
+    stats = {"data": str(data.resolve()), "max_length": max_length, "splits": {}, "packing": {}, "notes": []}
+    if "test" not in lengths:
+        stats["notes"].append(f"test split left out: tokenizer {manifest.get('tokenizer', {}).get('file')} "
+                              "from the manifest is not there to encode test.jsonl")
     for name, (categories, ns) in lengths.items():
         by_cat = {}
         for c, n in zip(categories, ns):
@@ -115,6 +118,7 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the report from other users
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -11,7 +11,8 @@ none on the others).
 "learnable" draws from a small fixed world (14 invented cities, animals and elements, each with a few
 attributes) through regular templates: closed_qa answers copy a sentence of the passage, a summary is the
 passage's first sentence, classification follows the entity's kind, diet or state. The facts never change
-between seeds, so a 5M-parameter model can learn both the answer shapes and many of the facts.
+between seeds, so a 5M-parameter model can learn both the answer shapes and many of the facts. The world
+holds about 5,000 distinct records; asking for more is an error, never silent duplicates.
 
 "dolly" fills the same categories with English-word filler whose lengths follow Dolly-15k (measured on the
 real file, see /work/shared/ENVIRONMENT.md): median ~120 tokens per record, a third with a passage,
@@ -300,7 +301,7 @@ LEARNABLE = {
 # ---- the Dolly length profile ---------------------------------------------------------------------
 WORDS = (
     "the of and to in is was for on that with as by at from it an be are this which or his her their "
-    "first new most also after city river world people time year years during many used known other "
+    "first new most also after city world people time year years during many used known other "
     "one two three made part called such state water large small early history music film book game "
     "team war school family house name country language system company government series album season "
     "song player river mountain island village road church century west east north south center "

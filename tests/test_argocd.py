@@ -1,0 +1,209 @@
+"""GitOps manifests (manifests/argocd): the Argo CD objects against Argo CD's own CRDs (../shared/crds/argo-cd),
+the argocd-cm that kustomize generates from the health.lua files, sync-wave order from the KubeRay operator
+to the eval PostSync hook, and what the dolly-train Application renders with its values file (helm template,
+validated against Kubernetes and KubeRay v1.7.0 schemas)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from k8s_validate import load_crds, validate_objects, validate_pod_templates
+
+REPO = Path(__file__).resolve().parents[1]
+ARGO = REPO / "manifests" / "argocd"
+REPO_URL = "https://github.com/dolly-train/dolly-train"
+KUBERAY_VERSION = "1.7.0"
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name, path=os.pathsep.join([str(REPO / ".tools" / "bin"), os.environ.get("PATH", "")]))
+    assert path, f"{name} not found on PATH or in .tools/bin: run `make tools`"
+    return path
+
+
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def argo_objects() -> list[tuple[Path, dict]]:
+    return [(p, d) for p in [ARGO / "project.yaml", ARGO / "root.yaml", *sorted((ARGO / "apps").glob("*.yaml"))]
+            for d in _docs(p)]
+
+
+def apps() -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for _, d in argo_objects() if d["kind"] == "Application"}
+
+
+def wave(obj: dict) -> int:
+    return int((obj["metadata"].get("annotations") or {}).get("argocd.argoproj.io/sync-wave", "0"))
+
+
+def sources(app: dict) -> list[dict]:
+    return app["spec"].get("sources") or [app["spec"]["source"]]
+
+
+@pytest.fixture(scope="module")
+def argo_crds(shared_dir):
+    return load_crds(shared_dir / "crds" / "argo-cd")
+
+
+@pytest.fixture(scope="module")
+def kuberay_crds(shared_dir):
+    return load_crds(shared_dir / "crds" / f"kuberay-v{KUBERAY_VERSION}")
+
+
+def test_argo_objects_validate_against_argo_cd_crds(argo_crds):
+    objs = [d for _, d in argo_objects()]
+    assert {d["kind"] for d in objs} == {"Application", "AppProject"}
+    # The Application health check's testdata are whole Applications too (with status).
+    objs += [yaml.safe_load(p.read_text()) for p in (ARGO / "resource_customizations/argoproj.io/Application/testdata").glob("*.yaml")]
+    assert validate_objects(objs, argo_crds) == []
+
+
+def test_validation_catches_a_misspelled_field(argo_crds):
+    app = apps()["dolly-train"]
+    bad = yaml.safe_load(yaml.safe_dump(app))
+    bad["spec"]["syncPolicy"]["syncOption"] = bad["spec"]["syncPolicy"].pop("syncOptions")
+    assert any("syncOption" in e for e in validate_objects([bad], argo_crds))
+
+
+def test_sync_waves_operator_then_volume_then_dolly_train():
+    a = apps()
+    assert set(a) == {"dolly-train-root", "kuberay-operator", "dolly-train-storage", "dolly-train"}
+    assert wave(a["kuberay-operator"]) < wave(a["dolly-train-storage"]) < wave(a["dolly-train"])
+    root = a["dolly-train-root"]["spec"]["source"]
+    assert root["path"] == "manifests/argocd/apps" and (REPO / root["path"]).is_dir()
+
+
+def test_kuberay_operator_application():
+    app = apps()["kuberay-operator"]
+    src = app["spec"]["source"]
+    assert (src["repoURL"], src["chart"], src["targetRevision"]) == (
+        "https://ray-project.github.io/kuberay-helm/", "kuberay-operator", KUBERAY_VERSION)
+    opts = app["spec"]["syncPolicy"]["syncOptions"]
+    assert "ServerSideApply=true" in opts
+    # Pruning the operator app would delete the CRDs and every RayJob with them.
+    assert app["spec"]["syncPolicy"]["automated"]["prune"] is False
+    gates = {g["name"]: g["enabled"] for g in src["helm"]["valuesObject"]["featureGates"]}
+    assert gates["RayClusterStatusConditions"] is True  # the RayCluster health check reads status.conditions
+
+
+def test_kuberay_crds_are_too_big_for_client_side_apply(shared_dir):
+    """Why ServerSideApply: client-side apply stores the whole object in an annotation capped at 256 KiB."""
+    import json
+
+    limit = 262144
+    for name in ("ray.io_rayjobs.yaml", "ray.io_rayclusters.yaml"):
+        crd = yaml.load((shared_dir / "crds" / f"kuberay-v{KUBERAY_VERSION}" / name).read_text(), Loader=yaml.CSafeLoader)
+        assert len(json.dumps(crd, separators=(",", ":"))) > limit, name
+
+
+def test_dolly_train_application_sources_exist():
+    app = apps()["dolly-train"]
+    srcs = sources(app)
+    chart = next(s for s in srcs if s.get("path") == "charts/dolly-train")
+    ref = next(s for s in srcs if s.get("ref"))
+    for s in srcs:
+        assert s["repoURL"] == REPO_URL and s["targetRevision"] == "main"
+        if "path" in s:
+            assert (REPO / s["path"]).is_dir(), s["path"]
+    for vf in chart["helm"]["valueFiles"]:
+        path = REPO / vf.replace(f"${ref['ref']}/", "") if vf.startswith("$") else REPO / chart["path"] / vf
+        assert path.is_file(), vf
+    project = next(d for _, d in argo_objects() if d["kind"] == "AppProject")
+    allowed = {d["namespace"] for d in project["spec"]["destinations"]}
+    for a in apps().values():
+        assert a["spec"]["project"] == project["metadata"]["name"]
+        assert a["spec"]["destination"]["namespace"] in allowed
+        assert all(s["repoURL"] in project["spec"]["sourceRepos"] for s in sources(a))
+
+
+def test_ignore_differences_cover_what_kuberay_and_users_change_and_are_explained():
+    app = apps()["dolly-train"]
+    rules = {(r["kind"], p) for r in app["spec"]["ignoreDifferences"]
+             for p in r.get("jsonPointers", []) + r.get("jqPathExpressions", [])}
+    assert ("RayJob", "/spec/suspend") in rules
+    assert ("RayCluster", ".spec.workerGroupSpecs[].replicas") in rules
+    assert "RespectIgnoreDifferences=true" in app["spec"]["syncPolicy"]["syncOptions"]
+    # Each rule is preceded by a comment saying why.
+    text = (ARGO / "apps" / "dolly-train.yaml").read_text()
+    block = text.split("ignoreDifferences:")[1].split("syncPolicy:")[0]
+    for entry in re.split(r"\n(?=    - group:)", block)[1:]:
+        prev = block[:block.index(entry)].rstrip().splitlines()[-1].strip()
+        assert prev.startswith("#"), f"ignoreDifferences entry without a comment: {entry.splitlines()[0]}"
+
+
+def test_argocd_cm_is_generated_from_the_lua_files():
+    res = subprocess.run([_tool("kubectl"), "kustomize", str(ARGO)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    objs = [d for d in yaml.safe_load_all(res.stdout) if d]
+    cm = next(o for o in objs if o["kind"] == "ConfigMap")
+    assert cm["metadata"]["name"] == "argocd-cm" and cm["metadata"]["namespace"] == "argocd"
+    assert cm["metadata"]["labels"]["app.kubernetes.io/part-of"] == "argocd"
+    lua = {f"resource.customizations.health.{p.parent.parent.name}_{p.parent.name}": p.read_text()
+           for p in (ARGO / "resource_customizations").glob("*/*/health.lua")}
+    assert {"resource.customizations.health.ray.io_RayJob", "resource.customizations.health.ray.io_RayCluster"} <= set(lua)
+    health = {k: v for k, v in cm["data"].items() if k.startswith("resource.customizations.health.")}
+    assert health == lua
+    assert cm["data"]["kustomize.buildOptions"] == "--load-restrictor LoadRestrictionsNone"
+    assert {(o["kind"], o["metadata"]["name"]) for o in objs} == {
+        ("ConfigMap", "argocd-cm"), ("AppProject", "dolly-train"), ("Application", "dolly-train-root")}
+
+
+def test_eval_job_is_a_postsync_hook_on_the_shared_volume():
+    res = subprocess.run([_tool("kubectl"), "kustomize", "--load-restrictor", "LoadRestrictionsNone",
+                          str(ARGO / "eval-hook")], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    objs = [d for d in yaml.safe_load_all(res.stdout) if d]
+    job = next(o for o in objs if o["kind"] == "Job")
+    ann = job["metadata"]["annotations"]
+    assert ann["argocd.argoproj.io/hook"] == "PostSync"
+    assert ann["argocd.argoproj.io/hook-delete-policy"] == "BeforeHookCreation"
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in job["spec"]["template"]["spec"]["volumes"]
+              if "persistentVolumeClaim" in v}
+    pvc = _docs(ARGO / "storage" / "pvc.yaml")[0]
+    assert claims == {pvc["metadata"]["name"]}
+    assert all(o["metadata"]["namespace"] == "dolly-train" for o in objs)
+    # Everything else in the eval manifest stays a normal (Sync-phase) object.
+    assert all("argocd.argoproj.io/hook" not in (o["metadata"].get("annotations") or {}) for o in objs if o is not job)
+
+
+def test_storage_pvc_survives_pruning_and_validates():
+    pvc = _docs(ARGO / "storage" / "pvc.yaml")[0]
+    assert set(pvc["metadata"]["annotations"]["argocd.argoproj.io/sync-options"].split(",")) == {"Prune=false", "Delete=false"}
+    assert validate_objects([pvc]) == []
+
+
+def test_chart_under_argo_values_orders_staging_config_rayjob(kuberay_crds):
+    """What the dolly-train Application deploys: `helm template` with its value files. The chart's PVC hook is
+    gone (the storage Application owns the claim), the staging Job is a Helm pre-install hook (Argo CD: PreSync),
+    the ConfigMap precedes the RayJob by sync wave, and every object is valid."""
+    app = apps()["dolly-train"]
+    chart = next(s for s in sources(app) if s.get("path") == "charts/dolly-train")
+    args = [_tool("helm"), "template", chart["helm"]["releaseName"], str(REPO / chart["path"]),
+            "--namespace", app["spec"]["destination"]["namespace"], "--kube-version", "1.33.0"]
+    for vf in chart["helm"]["valueFiles"]:
+        args += ["-f", str(REPO / vf.replace("$values/", "")) if vf.startswith("$") else str(REPO / chart["path"] / vf)]
+    res = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    objs = [d for d in yaml.safe_load_all(res.stdout) if d]
+    kinds = {o["kind"]: o for o in objs}
+    assert "PersistentVolumeClaim" not in kinds
+    staging = next(o for o in objs if o["kind"] == "Job")
+    assert "pre-install" in staging["metadata"]["annotations"]["helm.sh/hook"]
+    rayjob, cm = kinds["RayJob"], kinds["ConfigMap"]
+    assert wave(cm) < wave(rayjob)
+    claims = {v["persistentVolumeClaim"]["claimName"] for _, t in [("", rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"])]
+              for v in t["spec"]["volumes"] if "persistentVolumeClaim" in v}
+    assert claims == {_docs(ARGO / "storage" / "pvc.yaml")[0]["metadata"]["name"]}
+    assert rayjob["spec"].get("suspend", False) is False
+    errors = validate_objects(objs, kuberay_crds, k8s_version="1.33")
+    errors += [e for o in objs if o["kind"] == "RayJob" for e in validate_pod_templates(o, "1.33")]
+    assert errors == []

@@ -1,0 +1,181 @@
+"""Contract test of the chart with the CPU smoke values: what the pods would run, run here for real.
+
+    render (values-cpu-smoke.yaml, the volume and config mount moved into a tmp dir)
+    -> the ConfigMap's files written where the pods mount them
+    -> the staging Job's exact command (init-tiny-model + prepare --source synthetic)
+    -> a local Ray head (`ray start --head --num-cpus 2`) standing in for the RayCluster
+    -> the RayJob's exact entrypoint through `ray job submit --address http://127.0.0.1:<dashboard> -- ...`
+       (what KubeRay's submitter pod runs)
+    -> a checkpoint and an exported model under <mount>/runs/<run>/
+    -> the CPU eval Job's exact commands (eval base, eval tuned, compare) -> the report.
+
+Kubernetes itself (scheduling, KubeRay's reconciler, the PVC) is not here; kind-smoke covers it where docker is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from test_chart import REPO, by_kind, containers, helm, render  # noqa: F401 (helm: the fixture)
+
+VENV_BIN = Path(sys.executable).parent
+MOUNT_IN_MANIFESTS = "/mnt/dolly"
+
+
+def _free_port() -> int:
+    # Other sessions on this machine may run Ray too: never take the default 6379/8265.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def container_env(c: dict, configmaps: dict[str, dict] | None = None, mount: str | None = None) -> dict[str, str]:
+    """The env a container gets: literal values and ConfigMap keys, with $(VAR) expanded like the kubelet does.
+    `mount` moves the volume: values under /mnt/dolly point into the test's directory instead."""
+    env: dict[str, str] = {}
+    for e in c.get("env", []):
+        if "value" in e:
+            value = e["value"]
+        elif "configMapKeyRef" in e.get("valueFrom", {}):
+            ref = e["valueFrom"]["configMapKeyRef"]
+            value = configmaps[ref["name"]]["data"][ref["key"]]
+        else:
+            continue  # secretKeyRef (the HF token): none in the smoke values
+        if mount and (value == MOUNT_IN_MANIFESTS or value.startswith(MOUNT_IN_MANIFESTS + "/")):
+            value = mount + value[len(MOUNT_IN_MANIFESTS):]
+        env[e["name"]] = expand(value, env)
+    return env
+
+
+def expand(text: str, env: dict[str, str]) -> str:
+    return re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), text)
+
+
+def run_logged(cmd: list[str], env: dict, cwd: Path, timeout: int, log: Path) -> None:
+    t0 = time.time()
+    with log.open("w") as f:
+        res = subprocess.run(cmd, env=env, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+    print(f"[contract] {time.time() - t0:6.1f}s rc={res.returncode} {shlex.join(cmd)[:160]}", flush=True)
+    assert res.returncode == 0, f"{shlex.join(cmd)} failed ({res.returncode}):\n{log.read_text()[-6000:]}"
+
+
+def base_env(extra: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(extra)
+    env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '')}"  # `dolly-train`, `dolly-eval`, `ray` as in the images
+    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"})
+    return env
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A Ray head on free ports, owned by this test: `ray start --block` runs in the foreground, so stopping it
+    stops exactly the processes it started (never `ray stop`, which would stop every Ray on the machine)."""
+    ports = {"gcs": _free_port(), "dashboard": _free_port()}
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's unix sockets cap path length
+
+    def start(env: dict) -> str:
+        cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--port", str(ports["gcs"]),
+               "--dashboard-host", "127.0.0.1", "--dashboard-port", str(ports["dashboard"]),
+               "--temp-dir", str(temp_dir), "--include-dashboard", "true", "--disable-usage-stats"]
+        log = (tmp_path / "ray-head.log").open("w")
+        start.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        address = f"http://127.0.0.1:{ports['dashboard']}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            assert start.proc.poll() is None, (tmp_path / "ray-head.log").read_text()[-4000:]
+            probe = subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", address],
+                                   env=env, capture_output=True, text=True)
+            if probe.returncode == 0:
+                return address
+            time.sleep(2)
+        raise AssertionError("the Ray dashboard did not come up in 120 s")
+
+    start.proc = None
+    yield start
+    if start.proc is not None and start.proc.poll() is None:
+        # SIGTERM to the `ray start --block` session: it tears down the raylet, GCS and workers it spawned.
+        os.killpg(start.proc.pid, 15)
+        try:
+            start.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(start.proc.pid, 9)
+            start.proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_cpu_smoke_chart_runs_end_to_end(helm, ray_head, tmp_path):
+    mount = tmp_path / "vol"
+    config_dir = tmp_path / "etc" / "dolly-train"
+    mount.mkdir()
+    objs = render(helm, "values-cpu-smoke.yaml", ["--set", f"storage.mountPath={mount}",
+                                                  "--set", f"configMountPath={config_dir}"])
+    (rayjob,) = by_kind(objs, "RayJob")
+    (staging,) = by_kind(objs, "Job")
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+
+    # The ConfigMap volume: each key a file at the head's mount of that volume.
+    (cm,) = [o for o in by_kind(objs, "ConfigMap") if "train.yaml" in o["data"]]
+    (cm_mount,) = [m["mountPath"] for m in head["volumeMounts"] if m["name"] == "train-config"]
+    assert cm_mount == str(config_dir)
+    config_dir.mkdir(parents=True)
+    for name, text in cm["data"].items():
+        (config_dir / name).write_text(text)
+    run = yaml.safe_load(cm["data"]["train.yaml"])
+    run_dir = mount / "runs" / run["checkpoint"]["run_name"]
+
+    # Staging Job: its exact command and env.
+    (sc,) = staging["spec"]["template"]["spec"]["containers"]
+    run_logged(sc["command"] + sc["args"], base_env(container_env(sc)), tmp_path, 600, tmp_path / "staging.log")
+    assert (mount / "models" / "tiny" / "config.json").is_file()
+    assert (mount / "data" / "synthetic" / "manifest.json").is_file()
+    # Rerunning (helm upgrade re-runs the hook) skips both steps.
+    run_logged(sc["command"] + sc["args"], base_env(container_env(sc)), tmp_path, 120, tmp_path / "staging2.log")
+    assert "model already at" in (tmp_path / "staging2.log").read_text()
+
+    # The RayCluster's head, with the head container's env; then the submitter's `ray job submit -- <entrypoint>`.
+    address = ray_head(base_env(container_env(head)))
+    entrypoint = rayjob["spec"]["entrypoint"]
+    assert entrypoint == f"dolly-train train --config {config_dir}/train.yaml"
+    submit = [str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--submission-id", "dolly-contract",
+              "--", *shlex.split(entrypoint)]
+    run_logged(submit, base_env({}), tmp_path, 600, tmp_path / "train.log")
+    assert "SUCCEEDED" in (tmp_path / "train.log").read_text()
+    checkpoints = sorted(run_dir.glob("checkpoint_*"))
+    assert checkpoints, f"no checkpoint under {run_dir}: {sorted(p.name for p in run_dir.iterdir())}"
+    assert any((c / "progress.json").is_file() for c in checkpoints)
+    export = run_dir / "export"
+    for name in ("config.json", "model.safetensors", "tokenizer.model"):
+        assert (export / name).is_file(), name
+
+    # The CPU eval Job: init containers in order, then the main container, each its exact command.
+    cm_eval, job = [o for o in yaml.safe_load_all((REPO / "manifests" / "eval-job-cpu.yaml").read_text()) if o]
+    assert cm_eval["data"]["RUN_NAME"] == run["checkpoint"]["run_name"]
+    for c in containers(job["spec"]["template"]):
+        env = container_env(c, {cm_eval["metadata"]["name"]: cm_eval}, mount=str(mount))
+        cmd = [expand(a, env) for a in c["command"]]
+        # cwd = the repository, as the image's WORKDIR is its copy of it (the --config paths are relative).
+        run_logged(cmd, base_env(env), REPO, 600, tmp_path / f"eval-{c['name']}.log")
+    tuned = json.loads((run_dir / "eval" / "tuned" / "metrics.json").read_text())
+    base = json.loads((run_dir / "eval" / "base" / "metrics.json").read_text())
+    assert tuned["model"]["path"] == str(export) and base["model"]["path"] == str(mount / "models" / "tiny")
+    assert tuned["num_examples"] == base["num_examples"] > 0
+    compare = json.loads((run_dir / "eval" / "compare" / "compare.json").read_text())
+    assert compare["kind"] == "dolly-eval/compare"
+    rouge_l = compare["overall"]["rougeL"]
+    assert rouge_l["n"] == tuned["num_examples"] and rouge_l["delta"] == pytest.approx(rouge_l["tuned"] - rouge_l["base"])
+    assert (run_dir / "eval" / "compare" / "compare.md").is_file()

@@ -1,0 +1,107 @@
+"""Packing: exactly-once sharding, and packed rows computing exactly what unpacked examples compute."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from trainer.data.packing import (
+    attention_inputs,
+    block_causal_mask,
+    collate_packed,
+    collate_padded,
+    pack_rows,
+    plan_epoch,
+    shard_batches,
+)
+from trainer.prompt import IGNORE_INDEX, PromptEncoder
+
+
+def test_pack_rows_fits_and_keeps_every_example():
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 700) for _ in range(3000)]
+    rows = pack_rows(lengths, 1024)
+    flat = sorted(i for r in rows for i in r)
+    assert flat == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in r) <= 1024 for r in rows)
+    # best-fit decreasing is within a few percent of the lower bound on rows
+    lower = -(-sum(lengths) // 1024)
+    assert len(rows) <= lower * 1.03 + 1
+    with pytest.raises(ValueError, match="more than max_length"):
+        pack_rows([10, 2000], 1024)
+
+
+def test_every_example_once_per_epoch_on_every_world_size():
+    rng = random.Random(1)
+    lengths = [rng.randint(5, 500) for _ in range(1001)]
+    for packing in (True, False):
+        for world, accum in ((1, 1), (2, 1), (3, 2), (8, 4)):
+            plan = plan_epoch(lengths, 512, packing, micro_batch_size=2, seed=7, epoch=3, multiple=world * accum)
+            assert len(plan.batches) % (world * accum) == 0
+            seen = [i for r in range(world) for b in shard_batches(plan.batches, r, world) for row in b for i in row]
+            assert sorted(seen) == list(range(len(lengths)))
+            assert len({len(shard_batches(plan.batches, r, world)) for r in range(world)}) == 1
+    a = plan_epoch(lengths, 512, True, 2, seed=7, epoch=0, multiple=2).batches
+    assert a == plan_epoch(lengths, 512, True, 2, seed=7, epoch=0, multiple=2).batches  # deterministic
+    assert a != plan_epoch(lengths, 512, True, 2, seed=7, epoch=1, multiple=2).batches  # reshuffled per epoch
+
+
+def test_mask_is_block_diagonal_causal():
+    doc = torch.tensor([[0, 0, 0, 1, 1, -1, -1]])
+    m = block_causal_mask(doc)[0, 0]
+    assert m.shape == (7, 7)
+    assert m[2].tolist() == [True, True, True, False, False, False, False]
+    assert m[4].tolist() == [False, False, False, True, True, False, False]  # example 1 cannot see example 0
+    assert m[6].tolist() == [False] * 6 + [True]  # padding sees only itself: no empty softmax row
+    add = block_causal_mask(doc, torch.float32)[0, 0]
+    assert (add[m] == 0).all() and (add[~m] < -1e30).all()
+
+
+def _per_example_losses(model, batch, attn):
+    """Per-example mean response-token loss, from one forward of a (packed or padded) batch."""
+    out = model(input_ids=batch["input_ids"], **attention_inputs(batch, attn, torch.float32)).logits
+    logp = torch.log_softmax(out[:, :-1].float(), -1)
+    tgt = batch["labels"][:, 1:]
+    doc = batch["doc_ids"][:, 1:]
+    keep = tgt != IGNORE_INDEX
+    nll = -logp.gather(-1, tgt.clamp(min=0)[..., None])[..., 0]
+    losses = []
+    for b in range(tgt.shape[0]):
+        for d in sorted(set(doc[b][keep[b]].tolist())):
+            sel = keep[b] & (doc[b] == d)
+            losses.append(nll[b][sel].mean().item())
+    return losses
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_loss_equals_unpacked_loss(tiny_model_dir, attn):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=attn).eval()
+    enc = PromptEncoder(tiny_model_dir)
+    records = [
+        {"instruction": "What is the capital of Avalor?", "context": "", "response": "Brightwater, on the coast."},
+        {"instruction": "Summarize.", "context": "Zentar is a small country. It exports tin.", "response": "Zentar exports tin."},
+        {"instruction": "List three colours.", "context": "", "response": "Red, green and blue."},
+        {"instruction": "Classify: whale", "context": "", "response": "Mammal."},
+    ]
+    ex = [{"input_ids": e.input_ids, "labels": e.labels} for e in enc.encode_examples(records)]
+    with torch.no_grad():
+        # packed: examples 0-2 in one row (+ padding), example 3 in a second row
+        packed = _per_example_losses(model, collate_packed([[ex[0], ex[1], ex[2]], [ex[3]]], 128), attn)
+        alone = [_per_example_losses(model, collate_padded([e]), attn)[0] for e in ex]
+    assert len(packed) == 4
+    assert packed == pytest.approx(alone, abs=2e-5), (packed, alone)
+
+
+def test_packing_efficiency_beats_padding():
+    rng = random.Random(3)
+    # a long-tailed length profile like Dolly's (median ~120 tokens, tail past 1,000)
+    lengths = [min(2048, int(rng.lognormvariate(4.8, 0.8)) + 10) for _ in range(4000)]
+    packed = plan_epoch(lengths, 2048, True, 2, 0, 0, 1)
+    padded = plan_epoch(lengths, 2048, False, 16, 0, 0, 1)
+    assert packed.efficiency > 0.97
+    assert padded.efficiency < packed.efficiency
