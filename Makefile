@@ -47,7 +47,7 @@ lint: install tools ## helm lint, hadolint, shellcheck, yamllint
 images: ## build the container images (needs docker; not available on the build machines)
 	scripts/build-images.sh
 
-kind-smoke: ## kind cluster -> KubeRay -> helm install (CPU) -> eval Job -> ROUGE table (needs docker + kind)
+kind-smoke: install ## kind cluster -> KubeRay -> helm install (CPU) -> eval Job -> ROUGE table (needs docker + kind)
 	scripts/kind-smoke.sh
 
 bench-data: install ## tokenize + pack 15,000 Dolly-sized records; prints the time

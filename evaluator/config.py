@@ -92,9 +92,6 @@ class RunConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 GROUPS = {"engine": EngineConfig, "sampling": SamplingConfig, "scoring": ScoringConfig}
 TOP_LEVEL = ("model", "data", "out", "limit")
@@ -114,9 +111,11 @@ def _flag(name: str) -> str:
 def _add_field(group, f: dataclasses.Field, typ: Any, default: Any) -> None:
     args = [a for a in get_args(typ) if a is not type(None)]
     base = args[0] if args else typ
-    help_ = f"{f.metadata['help']} (default: {default})"
+    suffix = " (required here or in --config)" if default == "" else "" if default is None else f" (default: {default})"
     # SUPPRESS: an option the user did not give leaves no attribute, so it cannot mask the config file.
-    kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_}
+    kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata["help"] + suffix}
+    if default == "":
+        kw["metavar"] = "DIR"
     if base is bool:
         group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
     elif base is list:

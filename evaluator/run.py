@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 
@@ -111,7 +110,8 @@ def run(cfg: RunConfig) -> dict:
 
     from evaluator.generate import generate  # imports vLLM: only once the inputs are known to be good
 
-    gen_run = generate(str(model.path), prompt_ids, encoder.eos_id, cfg.engine, cfg.sampling)
+    gen_run = generate(str(model.path), prompt_ids, [r["id"] for r in records], encoder.eos_id, cfg.engine,
+                       cfg.sampling)
     rows = prediction_rows(records, prompt_ids, gen_run, encoder)
     metrics = build_metrics(cfg, model, split, records, prompt_ids, gen_run, rows)
     with atomic_dir(out) as tmp:

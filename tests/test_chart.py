@@ -410,6 +410,18 @@ def test_staging_is_ordered_before_the_rayjob(rendered):
     assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     script = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
     assert "snapshot_download" in script and "dolly-train prepare --source jsonl" in script
+    # The hub downloads cannot run here (no Hub access): at least the snippets compile and call real parameters.
+    import inspect
+
+    from huggingface_hub import snapshot_download
+
+    params = set(inspect.signature(snapshot_download).parameters)
+    snippets = re.findall(r"python -c '([^']+)'", script)
+    assert len(snippets) == 2
+    for code in snippets:
+        compile(code, "staging", "exec")
+        used = set(re.findall(r"(\w+)=", code.split("snapshot_download(", 1)[1]))
+        assert used <= params, used - params
     env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["HF_HOME"] == "/mnt/dolly/hf-cache"
     assert env["MODEL_DIR"] == "/mnt/dolly/models/Mistral-7B-Instruct-v0.3"

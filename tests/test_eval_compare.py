@@ -4,6 +4,7 @@ test_eval_run.py compares a real vLLM run with itself)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,14 @@ def test_identical_runs_give_zero_deltas(tmp_path, capsys):
     assert (tmp_path / "cmp" / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
     assert "delta" in out and "overall" in out and "rougeL" in out
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "cmp").stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0700
+    # Writing again replaces the folder whole, leaving no temp or old folder behind.
+    (tmp_path / "cmp" / "stale.txt").write_text("from an earlier compare")
+    assert main(["compare", str(base), str(tuned), "--out", str(tmp_path / "cmp")]) == 0
+    assert not (tmp_path / "cmp" / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "cmp", "tuned"]
 
 
 def test_better_run_has_positive_delta_with_ci_and_p_value(tmp_path):

@@ -404,7 +404,8 @@ def test_wait_follows_transitions_to_success(api, kube, capsys):
     out = capsys.readouterr().out
     seen = re.findall(r"tiny: (deployment \S+, job \S+)", out)
     assert seen == ["deployment New, job -", "deployment Initializing, job -", "deployment Running, job PENDING",
-                    "deployment Running, job RUNNING", "deployment Running, job SUCCEEDED"]
+                    "deployment Running, job RUNNING", "deployment Running, job SUCCEEDED",
+                    "deployment Complete, job SUCCEEDED"]
     assert out.rstrip().endswith("tiny: SUCCEEDED")
 
 

@@ -100,7 +100,8 @@ class RayJobState:
         if self.job_status in ("FAILED", "STOPPED"):
             return "failed"
         if self.job_status == "SUCCEEDED":
-            return "succeeded"
+            # KubeRay marks the deployment Complete on its next reconcile (seconds); until then it is not done.
+            return "succeeded" if self.deployment_status == "Complete" else "running"
         if self.deployment_status == "Complete":  # finished without a successful Ray job
             return "failed"
         return "running"
@@ -485,7 +486,7 @@ def add_parser(sub) -> None:
     p.set_defaults(func=_guard(cmd_status))
 
     p = sub.add_parser("wait", formatter_class=fmt, help="wait for a RayJob to finish",
-                       description="Wait for a RayJob: exit 0 when the Ray job SUCCEEDED, 1 when it failed "
+                       description="Wait for a RayJob: exit 0 when the Ray job SUCCEEDED (and KubeRay marked it Complete), 1 when it failed "
                                    "(including a Failed/ValidationFailed deployment), 124 on timeout.")
     _common(p)
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait (default: %(default)s)")

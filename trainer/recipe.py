@@ -503,12 +503,19 @@ class FullFinetuneRecipe:
             state = module.state_dict() if self.is_main else None
         if not self.is_main:
             return None
+        # Building the export skeleton must not go through zero.Init (a collective the other ranks are no
+        # longer in): drop the HF-DeepSpeed link first.
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        self._hf_ds = None
+        unset_hf_deepspeed_config()
         state = {k.removeprefix("model."): v for k, v in state.items()}
         return save_hf_folder(module.model.config, state, out, tokenizer_from=self.cfg.model.path,
                               generation_config=module.model.generation_config)
 
     def cleanup(self) -> None:
-        self.metrics.close()
+        if hasattr(self, "metrics"):  # setup may have failed before the logger existed
+            self.metrics.close()
 
 
 def copy_tokenizer(src: str | Path, dst: Path) -> None:

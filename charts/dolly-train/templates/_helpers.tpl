@@ -124,15 +124,6 @@ priorityClassName: {{ . }}
 {{- include "dolly-train.envList" $env }}
 {{- end }}
 
-{{/* Object-store credentials for the Ray containers (never values: an existing Secret). */}}
-{{- define "dolly-train.envFrom" -}}
-{{- with .Values.storage.objectStore.credentialsSecret }}
-envFrom:
-  - secretRef:
-      name: {{ . }}
-{{- end }}
-{{- end }}
-
 {{/* Volumes of the Ray pods: the shared claim, the config and an in-memory /dev/shm of the given size. */}}
 {{- define "dolly-train.rayVolumes" -}}
 - name: data

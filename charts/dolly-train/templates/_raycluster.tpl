@@ -38,8 +38,12 @@ headGroupSpec:
             - {containerPort: 8265, name: dashboard}
             - {containerPort: 10001, name: client}
           env:
-            {{- include "dolly-train.rayEnv" (dict "root" . "extra" .Values.head.env) | nindent 12 }}
-          {{- include "dolly-train.envFrom" . | nindent 10 }}
+            {{- include "dolly-train.rayEnv" (dict "root" . "extra" .Values.head.env) | trim | nindent 12 }}
+          {{- with .Values.storage.objectStore.credentialsSecret }}
+          envFrom:
+            - secretRef:
+                name: {{ . }}
+          {{- end }}
           resources:
             {{- toYaml .Values.head.resources | nindent 12 }}
           securityContext:
@@ -84,8 +88,12 @@ workerGroupSpecs:
             image: {{ include "dolly-train.image" (dict "root" $ "override" $g.image) }}
             imagePullPolicy: {{ $.Values.image.pullPolicy }}
             env:
-              {{- include "dolly-train.rayEnv" (dict "root" $ "extra" $g.env) | nindent 14 }}
-            {{- include "dolly-train.envFrom" $ | nindent 12 }}
+              {{- include "dolly-train.rayEnv" (dict "root" $ "extra" $g.env) | trim | nindent 14 }}
+            {{- with $.Values.storage.objectStore.credentialsSecret }}
+            envFrom:
+              - secretRef:
+                  name: {{ . }}
+            {{- end }}
             resources:
               {{- $res := deepCopy $g.resources }}
               {{- if gt (int $g.gpusPerPod) 0 }}

@@ -1,0 +1,292 @@
+"""Training throughput of the project's own training step on one GPU (no Ray needed).
+
+    python bench/train_throughput.py --tokenizer DIR --out results/            # the default variant set
+    python bench/train_throughput.py --tokenizer DIR --variants z2-packed-sdpa,z2-padded-sdpa --steps 10
+
+Builds the Mistral-7B architecture from a config with random weights (no download), feeds it packed rows of
+Dolly-length data from the synthetic generator (`profile="dolly"`, tokenized by `trainer.prompt`), and times
+`FullFinetuneRecipe.train_step` - the same DeepSpeed engine, collation and attention path `dolly-train train`
+runs - at world size 1 (`LocalContext`). Each variant runs in its own process, so an out-of-memory variant is
+recorded as such and does not poison the next.
+
+Measured in one run: a bf16 matmul peak on this GPU; per variant, warm-up then the median step time over
+`--steps` steps, real (non-padding) tokens/s, MFU = 6 x parameters x real tokens/s / measured peak, peak
+GPU memory. Writes one JSON record per run (GPU, versions, configs, figures) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# Mistral-7B-Instruct-v0.3's architecture (its config.json), 7.25B parameters.
+MISTRAL_7B = dict(
+    vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-5,
+    sliding_window=None, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+)
+# A 2-layer model of the same width: checks every variant's code path in seconds before the real runs.
+SMOKE = {**MISTRAL_7B, "num_hidden_layers": 2, "intermediate_size": 1024, "hidden_size": 1024,
+         "num_attention_heads": 8, "num_key_value_heads": 2}
+
+# name -> config overrides on top of the mistral-7b-zero3 preset (world size 1). Padded variants use
+# micro-batch 2 like the packed ones: padding 2 rows to the longest example is the same worst-case memory
+# (2 x 2048 tokens), and a larger padded micro-batch runs out of memory whenever one example is long.
+ACCUM = "batch.gradient_accumulation_steps=4"
+VARIANTS = {
+    "z2-packed-sdpa": ["deepspeed.stage=2", "data.packing=true", "model.attn_implementation=sdpa", ACCUM],
+    "z2-packed-flex": ["deepspeed.stage=2", "data.packing=true", "model.attn_implementation=flex_attention", ACCUM],
+    "z3-packed-sdpa": ["deepspeed.stage=3", "data.packing=true", "model.attn_implementation=sdpa", ACCUM],
+    "z3-packed-flex": ["deepspeed.stage=3", "data.packing=true", "model.attn_implementation=flex_attention", ACCUM],
+    "z2-padded-sdpa": ["deepspeed.stage=2", "data.packing=false", "model.attn_implementation=sdpa", ACCUM],
+    "z3-padded-sdpa": ["deepspeed.stage=3", "data.packing=false", "model.attn_implementation=sdpa", ACCUM],
+    "z3-packed-flex-accum8": ["deepspeed.stage=3", "data.packing=true", "model.attn_implementation=flex_attention",
+                              "batch.gradient_accumulation_steps=8"],
+    "z3-packed-flex-ac8": ["deepspeed.stage=3", "data.packing=true", "model.attn_implementation=flex_attention",
+                           "model.activation_checkpointing=true", "batch.micro_batch_size=8",
+                           "batch.gradient_accumulation_steps=2"],
+    "z3-packed-flex-ac16": ["deepspeed.stage=3", "data.packing=true", "model.attn_implementation=flex_attention",
+                            "model.activation_checkpointing=true", "batch.micro_batch_size=16"],
+    "z3-packed-sdpa-ac4": ["deepspeed.stage=3", "data.packing=true", "model.activation_checkpointing=true",
+                           "batch.micro_batch_size=4"],
+    "z2-offload-packed-flex": ["deepspeed.stage=2", "deepspeed.offload_optimizer=true", "data.packing=true",
+                               "model.attn_implementation=flex_attention", "batch.gradient_accumulation_steps=8"],
+}
+DEFAULT_VARIANTS = "z2-packed-flex,z2-padded-sdpa,z3-packed-flex,z3-packed-sdpa,z3-padded-sdpa,z2-offload-packed-flex"
+
+
+def matmul_peak(n: int = 8192, reps: int = 20) -> float:
+    import torch
+
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        for _ in range(reps):
+            a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / reps)
+    return 2 * n**3 / statistics.median(times)
+
+
+def dolly_examples(tokenizer: str, n: int, max_length: int, seed: int) -> list[dict]:
+    from trainer.data.synthetic import generate
+    from trainer.prompt import PromptEncoder
+
+    enc = PromptEncoder(tokenizer)
+    records = generate(n, seed=seed, profile="dolly")
+    out = []
+    for r, e in zip(records, enc.encode_examples(records)):
+        if len(e.input_ids) <= max_length:
+            out.append({"id": str(len(out)), "input_ids": e.input_ids, "labels": e.labels})
+    return out
+
+
+def run_variant(args) -> dict:
+    """Child process: one variant, printed as one JSON line."""
+    import torch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000), RANK="0",
+                      WORLD_SIZE="1", LOCAL_RANK="0")
+    import deepspeed
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from trainer import config as C
+    from trainer.recipe import FullFinetuneRecipe, LocalContext
+
+    arch = SMOKE if args.smoke else MISTRAL_7B
+    cpu = args.cpu  # a code-path check on a machine without a GPU (tiny numbers, no meaning)
+    if cpu:
+        arch = {**SMOKE, "hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 256}
+    overrides = VARIANTS[args.variant] + [
+        "scaling.num_workers=1", f"data.max_length={args.max_length}", "checkpoint.storage_path=/tmp/dolly-bench",
+        f"checkpoint.run_name={args.variant}", "model.path=/nonexistent", *args.override,
+    ]
+    if cpu:
+        overrides += ["scaling.use_gpu=false", "model.precision=fp32", "model.attn_implementation=sdpa"]
+    cfg = C.load("mistral-7b-zero3", overrides)
+    deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl")
+    sync = (lambda: None) if cpu else torch.cuda.synchronize
+    if not cpu:
+        torch.cuda.set_device(0)
+
+    def factory(**kw):
+        config = MistralConfig(**arch)
+        if cfg.deepspeed.stage == 3:  # HfDeepSpeedConfig is alive: from_config builds under zero.Init
+            return AutoModelForCausalLM.from_config(config, **kw)
+        with torch.device("cpu" if cpu else "cuda"):
+            return AutoModelForCausalLM.from_config(config, **kw)
+
+    examples = dolly_examples(args.tokenizer, args.num_examples, args.max_length, args.seed)
+    t0 = time.perf_counter()
+    recipe = FullFinetuneRecipe(cfg, LocalContext("/tmp/dolly-bench"), model_factory=factory)
+    recipe.setup(train_examples=examples, val_examples=[])
+    setup_s = time.perf_counter() - t0
+    plan = recipe._plan(0)
+    times, reals = [], []
+    total = args.warmup + args.steps
+    if total + 1 > recipe.steps_per_epoch:
+        raise SystemExit(f"only {recipe.steps_per_epoch} steps of data; lower --steps or raise --num-examples")
+    if not cpu:
+        torch.cuda.reset_peak_memory_stats()
+    for s in range(total):
+        micro, global_labels, real = recipe.step_batches(plan, s)
+        sync()
+        t = time.perf_counter()
+        out = recipe.train_step(micro, global_labels)
+        out["loss_scaled_sum"].item()  # the step is done when its loss is on the host
+        sync()
+        if s >= args.warmup:
+            times.append(time.perf_counter() - t)
+            reals.append(real)
+    tps = sum(reals) / sum(times)
+    breakdown = time_phases(recipe, plan, total, sync)
+    tokens_per_row = args.max_length if cfg.data.packing else None
+    return {
+        "variant": args.variant,
+        "overrides": overrides,
+        "deepspeed_config": recipe.ds_config,
+        "parameters": recipe.n_params,
+        "setup_s": setup_s,
+        "median_step_s": statistics.median(times),
+        "step_times_s": times,
+        "real_tokens_per_step_mean": sum(reals) / len(reals),
+        "real_tokens_per_s": tps,
+        "packing_efficiency": plan.efficiency,
+        "tokens_per_row": tokens_per_row,
+        "phase_s": breakdown,
+        "peak_gpu_mem_gib": 0.0 if cpu else torch.cuda.max_memory_allocated() / 2**30,
+        "loss_last": out["loss_scaled_sum"].item() / (recipe.accum or 1),
+    }
+
+
+def time_phases(recipe, plan, step: int, sync) -> dict:
+    """One more optimizer step with a sync around each phase: where the step's time goes."""
+    import torch
+
+    micro, global_labels, _ = recipe.step_batches(plan, step)
+    W, A = recipe.ctx.world_size, recipe.accum
+    scale = W * A / max(global_labels, 1)
+    phases = {"forward": 0.0, "backward": 0.0, "optimizer_step": 0.0}
+    for mb in micro:
+        mb = {k: v.to(recipe.device) for k, v in mb.items()}
+        sync(); t = time.perf_counter()
+        loss, _ = recipe.engine(mb["input_ids"], mb["labels"], mb["position_ids"], mb["doc_ids"], scale)
+        sync(); phases["forward"] += time.perf_counter() - t; t = time.perf_counter()
+        recipe.engine.backward(loss)
+        sync(); phases["backward"] += time.perf_counter() - t; t = time.perf_counter()
+        recipe.engine.step()  # does the optimizer step only at the accumulation boundary
+        sync(); phases["optimizer_step"] += time.perf_counter() - t
+    del torch
+    return phases
+
+
+def environment() -> dict:
+    import torch
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("transformers", "deepspeed"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except ImportError:
+            versions[mod] = None
+    return {"gpu": torch.cuda.get_device_name(0), "gpu_count": torch.cuda.device_count(),
+            "cuda": torch.version.cuda, "versions": versions}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer", required=True, help="folder with the Mistral v3 tokenizer.model")
+    p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--max-length", type=int, default=2048, help="tokens per packed row")
+    p.add_argument("--num-examples", type=int, default=15000, help="Dolly-length synthetic records")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="2-layer model: check the code paths in seconds")
+    p.add_argument("--cpu", action="store_true", help="run the variants' code paths on the CPU (no GPU; figures meaningless)")
+    p.add_argument("--timeout", type=int, default=420, help="seconds per variant")
+    p.add_argument("--override", action="append", default=[], help="extra config override for every variant")
+    p.add_argument("--out", default="docs/benchmarks", help="folder for the JSON record")
+    p.add_argument("--variant", help=argparse.SUPPRESS)  # child mode
+    args = p.parse_args()
+
+    if args.variant:
+        print("RESULT " + json.dumps(run_variant(args)), flush=True)
+        return 0
+
+    import torch
+
+    peak = 1e12 if args.cpu else matmul_peak()
+    env = environment() if not args.cpu else {"gpu": "cpu", "gpu_count": 0, "cuda": None, "versions": {}}
+    print(f"{env['gpu']}: measured bf16 matmul peak {peak / 1e12:.0f} TFLOP/s", flush=True)
+    results = []
+    for name in args.variants.split(","):
+        cmd = [sys.executable, __file__, "--variant", name, "--tokenizer", args.tokenizer, "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--max-length", str(args.max_length),
+               "--num-examples", str(args.num_examples), "--seed", str(args.seed)]
+        cmd += ["--smoke"] if args.smoke else []
+        cmd += ["--cpu"] if args.cpu else []
+        for o in args.override:
+            cmd += ["--override", o]
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if line:
+                r = json.loads(line[7:])
+                r["mfu"] = 6 * r["parameters"] * r["real_tokens_per_s"] / peak
+            else:
+                tail = (proc.stdout + proc.stderr)[-3000:]
+                oom = "out of memory" in tail.lower() or "OutOfMemoryError" in tail
+                r = {"variant": name, "error": "out of GPU memory" if oom else f"exit {proc.returncode}", "log_tail": tail}
+        except subprocess.TimeoutExpired as e:
+            r = {"variant": name, "error": f"timed out after {args.timeout}s",
+                 "log_tail": ((e.stdout or b"")[-2000:]).decode(errors="replace") if isinstance(e.stdout, bytes) else str(e.stdout)[-2000:]}
+        r["wall_s"] = time.perf_counter() - t0
+        results.append(r)
+        summary = (f"{r['real_tokens_per_s']:,.0f} tok/s  MFU {r['mfu']:.1%}  {r['peak_gpu_mem_gib']:.1f} GiB"
+                   if "error" not in r else r["error"])
+        print(f"  {name:26s} {summary}  ({r['wall_s']:.0f}s)", flush=True)
+        if "phase_s" in r:
+            print("    phases: " + ", ".join(f"{k} {v:.3f}s" for k, v in r["phase_s"].items()), flush=True)
+        if "error" in r:
+            print(r["log_tail"][-1500:], flush=True)
+
+    record = {"date": time.strftime("%Y-%m-%d"), **env, "matmul_peak_flops": peak, "smoke": args.smoke,
+              "steps": args.steps, "warmup": args.warmup, "max_length": args.max_length, "results": results}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"train_throughput_{time.strftime('%Y%m%d-%H%M%S')}{'_smoke' if args.smoke else ''}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
+
+    print(f"\n{'variant':26s} {'real tok/s':>11s} {'MFU':>6s} {'step s':>7s} {'pack eff':>8s} {'GiB':>6s}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['variant']:26s} {r['error']}")
+        else:
+            print(f"{r['variant']:26s} {r['real_tokens_per_s']:11,.0f} {r['mfu']:6.1%} {r['median_step_s']:7.3f} "
+                  f"{r['packing_efficiency']:8.3f} {r['peak_gpu_mem_gib']:6.1f}")
+    print(f"record: {path}")
+    del torch
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
