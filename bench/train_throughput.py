@@ -38,11 +38,15 @@ MISTRAL_7B = dict(
 SMOKE = {**MISTRAL_7B, "num_hidden_layers": 2, "intermediate_size": 1024, "hidden_size": 1024,
          "num_attention_heads": 8, "num_key_value_heads": 2}
 
-# name -> config overrides on top of the mistral-7b-zero3 preset (world size 1). Padded variants use
+# name -> config overrides on top of BASE (the mistral-7b-zero3 preset at world size 1, 2 rows per micro-step,
+# no activation checkpointing, no accumulation), except "preset-1gpu", which is the shipped single-GPU preset
+# `mistral-7b-zero3-1gpu` untouched. Padded variants use
 # micro-batch 2 like the packed ones: padding 2 rows to the longest example is the same worst-case memory
 # (2 x 2048 tokens), and a larger padded micro-batch runs out of memory whenever one example is long.
 ACCUM = "batch.gradient_accumulation_steps=4"
+BASE = ["batch.micro_batch_size=2", "model.activation_checkpointing=false", "batch.gradient_accumulation_steps=1"]
 VARIANTS = {
+    "preset-1gpu": [],
     "z2-packed-sdpa": ["deepspeed.stage=2", "data.packing=true", "model.attn_implementation=sdpa", ACCUM],
     "z2-packed-flex": ["deepspeed.stage=2", "data.packing=true", "model.attn_implementation=flex_attention", ACCUM],
     "z3-packed-sdpa": ["deepspeed.stage=3", "data.packing=true", "model.attn_implementation=sdpa", ACCUM],
@@ -61,7 +65,7 @@ VARIANTS = {
     "z2-offload-packed-flex": ["deepspeed.stage=2", "deepspeed.offload_optimizer=true", "data.packing=true",
                                "model.attn_implementation=flex_attention", "batch.gradient_accumulation_steps=8"],
 }
-DEFAULT_VARIANTS = "z2-packed-flex,z2-padded-sdpa,z3-packed-flex,z3-packed-sdpa,z3-padded-sdpa,z2-offload-packed-flex"
+DEFAULT_VARIANTS = "preset-1gpu,z3-packed-flex,z3-padded-sdpa,z2-packed-flex,z3-packed-sdpa"
 
 
 def matmul_peak(n: int = 8192, reps: int = 20) -> float:
@@ -112,13 +116,15 @@ def run_variant(args) -> dict:
     cpu = args.cpu  # a code-path check on a machine without a GPU (tiny numbers, no meaning)
     if cpu:
         arch = {**SMOKE, "hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 256}
-    overrides = VARIANTS[args.variant] + [
+    preset = "mistral-7b-zero3-1gpu" if args.variant == "preset-1gpu" else "mistral-7b-zero3"
+    base = [] if args.variant == "preset-1gpu" else BASE
+    overrides = base + VARIANTS[args.variant] + [
         "scaling.num_workers=1", f"data.max_length={args.max_length}", "checkpoint.storage_path=/tmp/dolly-bench",
         f"checkpoint.run_name={args.variant}", "model.path=/nonexistent", *args.override,
     ]
     if cpu:
         overrides += ["scaling.use_gpu=false", "model.precision=fp32", "model.attn_implementation=sdpa"]
-    cfg = C.load("mistral-7b-zero3", overrides)
+    cfg = C.load(preset, overrides)
     deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl")
     sync = (lambda: None) if cpu else torch.cuda.synchronize
     if not cpu:
@@ -158,6 +164,7 @@ def run_variant(args) -> dict:
     tokens_per_row = args.max_length if cfg.data.packing else None
     return {
         "variant": args.variant,
+        "preset": preset,
         "overrides": overrides,
         "deepspeed_config": recipe.ds_config,
         "parameters": recipe.n_params,

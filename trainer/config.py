@@ -21,7 +21,7 @@ import yaml
 
 PRESET_DIR = Path(__file__).parent / "configs"
 DEEPSPEED_DIR = PRESET_DIR / "deepspeed"
-PRESETS = ("cpu-tiny", "mistral-7b-zero3", "mistral-7b-zero3-offload")
+PRESETS = ("cpu-tiny", "mistral-7b-zero3", "mistral-7b-zero3-offload", "mistral-7b-zero3-1gpu")
 
 _URI = re.compile(r"^(s3|gs)://[^/\s]+(/.*)?$")
 
