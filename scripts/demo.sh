@@ -3,6 +3,7 @@
 #   tiny Mistral (real v3 tokenizer) -> synthetic Dolly -> Ray Train + DeepSpeed ZeRO-2 on 2 CPU workers
 #   -> Hugging Face export -> vLLM (CPU) generation on the test split, base and fine-tuned -> ROUGE comparison
 # usage: scripts/demo.sh [WORK_DIR]   (default: work/; a rerun starts the run afresh)
+# A smaller run (the test suite uses one): DEMO_EXAMPLES=1200 DEMO_TEST_SIZE=60 DEMO_TRAIN_ARGS="schedule.max_steps=60"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=${1:-work}
@@ -19,13 +20,14 @@ step "init-tiny-model -> $model"
 dolly-train init-tiny-model --out "$model"
 
 step "prepare synthetic Dolly -> $data"
-dolly-train prepare --source synthetic --num-examples 3000 --tokenizer "$model" --max-length 512 \
-  --val-size 100 --test-size 200 --seed 0 --out "$data"
+dolly-train prepare --source synthetic --num-examples "${DEMO_EXAMPLES:-3000}" --tokenizer "$model" --max-length 512 \
+  --val-size 100 --test-size "${DEMO_TEST_SIZE:-200}" --seed 0 --out "$data"
 
 step "train (cpu-tiny: 2 Ray workers, DeepSpeed ZeRO-2) -> $run_dir"
 rm -rf "$run_dir"
+read -r -a train_args <<< "${DEMO_TRAIN_ARGS:-}"  # extra section.key=value overrides
 dolly-train train --config cpu-tiny "model.path=$model" "data.path=$data" \
-  "checkpoint.storage_path=$work/runs" "checkpoint.run_name=$run"
+  "checkpoint.storage_path=$work/runs" "checkpoint.run_name=$run" "${train_args[@]}"
 
 step "evaluate the untrained base model (vLLM, CPU)"
 dolly-eval run --config evaluator/configs/cpu-tiny.yaml --model "$model" --data "$data" --out "$run_dir/eval/base"

@@ -82,7 +82,7 @@ def test_zero3_export_equals_offline_consolidation(zero3_runs, tmp_path, tiny_mo
     last checkpoint (shards consolidated offline by DeepSpeed's zero_to_fp32) give the same logits."""
     tmp, _ = zero3_runs
     run = tmp / "straight"
-    ckpts = sorted(run.glob("checkpoint_*"))
+    ckpts = sorted(p for p in run.glob("checkpoint_[0-9]*") if p.is_dir())
     assert [c.name for c in ckpts] == ["checkpoint_00000006", "checkpoint_00000012"]  # keep=2
     # both ranks wrote their ZeRO-3 shards into the checkpoint
     shards = sorted(p.name for p in (ckpts[-1] / "deepspeed" / "state").iterdir())

@@ -59,7 +59,7 @@ class LocalContext:
         self.run_dir = Path(run_dir)
 
     def latest_checkpoint(self) -> Path | None:
-        ckpts = sorted(self.run_dir.glob("checkpoint_*"))
+        ckpts = sorted(p for p in self.run_dir.glob("checkpoint_[0-9]*") if p.is_dir())
         return ckpts[-1] if ckpts else None
 
     @contextlib.contextmanager
