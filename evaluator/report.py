@@ -8,15 +8,11 @@ from __future__ import annotations
 
 import html
 import json
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from evaluator.config import EvalInputError
 from evaluator.score import ROUGE_TYPES
+from trainer.atomic import atomic_dir  # noqa: F401  (re-exported: run.py and compare.py write through it)
 
 # ---- atomic output folders -----------------------------------------------------------------------
 
@@ -26,33 +22,6 @@ def check_out_dir(out: str | Path) -> Path:
     if p.exists() and not p.is_dir():
         raise EvalInputError(f"--out {out}: exists and is not a directory")
     return p
-
-
-@contextmanager
-def atomic_dir(out: Path) -> Iterator[Path]:
-    """Yield a temp folder beside `out`; on success it replaces `out`, on failure it is removed.
-
-    Same filesystem as `out`, so the final step is a rename: readers see the old folder or the new one,
-    never a half-written metrics.json.
-    """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        # mkdtemp makes a private 0700 folder; the renamed result should read like any folder (umask).
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
-        yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_json(path: Path, data) -> None:

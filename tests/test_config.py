@@ -4,7 +4,6 @@ and the CLI refuses bad runs before any worker starts."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -10,13 +10,12 @@ Two ways in:
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
+
+from trainer.atomic import atomic_dir
 
 
 def save_hf_folder(config, state: dict, out: str | Path, tokenizer_from: str | Path,
@@ -27,9 +26,7 @@ def save_hf_folder(config, state: dict, out: str | Path, tokenizer_from: str | P
     from trainer.recipe import copy_tokenizer
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         if dtype is not None:
             state = {k: v.to(dtype) for k, v in state.items()}
         with torch.device("meta"):
@@ -45,12 +42,6 @@ def save_hf_folder(config, state: dict, out: str | Path, tokenizer_from: str | P
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
         copy_tokenizer(tokenizer_from, tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

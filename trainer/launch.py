@@ -29,10 +29,24 @@ class PreflightError(RuntimeError):
     """The run cannot start; raised before any worker is created."""
 
 
+def is_local_model(path: str) -> bool:
+    # A hub id is exactly "org/name"; anything else (absolute, ./relative, deeper paths) is a folder.
+    return Path(path).is_absolute() or path.startswith(".") or Path(path).exists() or path.count("/") != 1
+
+
+def absolutize(cfg: TrainConfig) -> None:
+    """Relative paths mean relative to where the command runs; Ray workers run elsewhere (and Ray's storage
+    layer needs an absolute path), so resolve them here."""
+    if is_local_model(cfg.model.path):
+        cfg.model.path = os.path.abspath(cfg.model.path)
+    cfg.data.path = os.path.abspath(cfg.data.path)
+    if not cfg.is_remote_storage:
+        cfg.checkpoint.storage_path = os.path.abspath(cfg.checkpoint.storage_path)
+
+
 def preflight(cfg: TrainConfig) -> None:
     model = Path(cfg.model.path)
-    # A hub id is exactly "org/name"; anything else (absolute, ./relative, deeper paths) is a folder.
-    looks_local = model.is_absolute() or cfg.model.path.startswith(".") or model.exists() or cfg.model.path.count("/") != 1
+    looks_local = is_local_model(cfg.model.path)
     if looks_local and not (model / "config.json").is_file():
         raise PreflightError(f"model.path: {cfg.model.path} is not a Hugging Face model folder (no config.json)")
     if not looks_local and os.environ.get("HF_HUB_OFFLINE") == "1":
@@ -116,6 +130,7 @@ def run_training(cfg: TrainConfig) -> object:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    absolutize(cfg)
     preflight(cfg)
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
@@ -128,6 +143,7 @@ def run_training(cfg: TrainConfig) -> object:
         (Path(cfg.run_dir()) / "config.yaml").write_text(cfg.to_yaml())
     s = cfg.scaling
     env = {k: v for k, v in os.environ.items() if k.startswith(PROPAGATED_ENV_PREFIXES)}
+    env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else every metrics line is printed twice
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),

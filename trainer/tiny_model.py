@@ -8,10 +8,10 @@ saved as a Hugging Face folder that `AutoTokenizer`, `AutoModelForCausalLM` and 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
+
+from trainer.atomic import atomic_dir
 
 # The v3 SentencePiece model inside mistral-common (32,768 pieces, [INST]/[/INST] as control tokens).
 MISTRAL_COMMON_TOKENIZER = "data/mistral_instruct_tokenizer_240323.model.v3"
@@ -68,9 +68,7 @@ def init_tiny_model(out: str | Path, seed: int = 0, **overrides) -> Path:
     from transformers import GenerationConfig, MistralConfig, MistralForCausalLM
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         torch.manual_seed(seed)
         config = MistralConfig(**{**TINY_MISTRAL, **overrides})
         config.dtype = torch.float32
@@ -78,12 +76,6 @@ def init_tiny_model(out: str | Path, seed: int = 0, **overrides) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         GenerationConfig(bos_token_id=1, eos_token_id=2, do_sample=False, max_new_tokens=256).save_pretrained(tmp)
         write_tokenizer(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

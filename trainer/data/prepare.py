@@ -17,10 +17,7 @@ import argparse
 import hashlib
 import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -29,6 +26,7 @@ from typing import Iterable
 import yaml
 from tqdm import tqdm
 
+from trainer.atomic import atomic_dir
 from trainer.data.records import SOURCES, DataError, Raw, read_hub, read_jsonl, read_synthetic, record_id, validate
 from trainer.data.split import SPLITS, split_records
 from trainer.prompt import PromptEncoder
@@ -134,10 +132,7 @@ def _save_tokenized(path: Path, rows: list[dict]) -> None:
 
 def write_out(out: Path, splits: dict[str, list[dict]], encoded: dict[str, dict], manifest: dict) -> None:
     """Everything into a temp dir beside `out`, then one rename (the old dir is removed only after it)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would hide the data from other users of a shared volume
-    try:
+    with atomic_dir(out) as tmp:
         manifest["splits"] = {}
         for name in SPLITS:
             _write_jsonl(tmp / f"{name}.jsonl", splits[name])
@@ -145,16 +140,6 @@ def write_out(out: Path, splits: dict[str, list[dict]], encoded: dict[str, dict]
         for name in TOKENIZED_SPLITS:
             _save_tokenized(tmp / "tokenized" / name, [encoded[r["id"]] for r in splits[name]])
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "data")
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def prepare(source: str, out, tokenizer, max_length: int, path=None, num_examples: int | None = None,

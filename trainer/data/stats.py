@@ -14,7 +14,6 @@ batches padded to their longest example (the trainer's `data.packing: false`), i
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
