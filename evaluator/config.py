@@ -17,6 +17,8 @@ from typing import Any, get_args, get_type_hints
 
 import yaml
 
+from trainer.config import ConfigError, check_value
+
 
 class EvalInputError(ValueError):
     """Bad input (config, model folder, data split, run dir); the CLI prints it and exits 2."""
@@ -145,35 +147,11 @@ def add_run_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...] =
 # ---- building and validating ---------------------------------------------------------------------
 
 def _check(key: str, f: dataclasses.Field, typ: Any, value: Any) -> Any:
-    args = get_args(typ)
-    optional = type(None) in args
-    base = [a for a in args if a is not type(None)][0] if optional else typ
-    if value is None:
-        if optional:
-            return None
-        raise EvalInputError(f"{key}: must not be null")
-    if base is bool and not isinstance(value, bool):
-        raise EvalInputError(f"{key}: expected true/false, got {value!r}")
-    if base is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise EvalInputError(f"{key}: expected an integer, got {value!r}")
-    if base is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise EvalInputError(f"{key}: expected a number, got {value!r}")
-        value = float(value)
-    if base is str and not isinstance(value, str):
-        raise EvalInputError(f"{key}: expected a string, got {value!r}")
-    if base is list:
-        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise EvalInputError(f"{key}: expected a list of integers, got {value!r}")
-    meta = f.metadata
-    if meta.get("choices") and value not in meta["choices"]:
-        raise EvalInputError(f"{key}: {value!r} is not one of {list(meta['choices'])}")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if meta.get("minimum") is not None and value < meta["minimum"]:
-            raise EvalInputError(f"{key}: {value!r} is below the minimum {meta['minimum']}")
-        if meta.get("maximum") is not None and value > meta["maximum"]:
-            raise EvalInputError(f"{key}: {value!r} is above the maximum {meta['maximum']}")
-    return value
+    """The trainer's field check (one implementation), with the evaluator's error type."""
+    try:
+        return check_value(key, f, typ, value)
+    except ConfigError as e:
+        raise EvalInputError(str(e)) from None
 
 
 def _build(cls, data: dict, prefix: str):

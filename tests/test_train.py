@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -111,10 +112,15 @@ def test_worker_killed_midrun_recovers(tmp_path, tiny_model_dir, synthetic_data_
         deadline = time.time() + 500
         while time.time() < deadline and not killed:
             done = [m["step"] for m in metrics(run_dir)] if (run_dir / "metrics.jsonl").exists() else []
-            if done and max(done) >= 9 and (pid_dir / "rank1.pid").exists():
+            # Ray Train registers a reported checkpoint when its controller next polls the workers; kill only
+            # once the step-6 checkpoint is in Ray's run snapshot, so the bound below is about resuming.
+            snapshot = run_dir / "checkpoint_manager_snapshot.json"
+            text = snapshot.read_text() if snapshot.exists() else ""
+            registered = max([int(n) for n in re.findall(r"checkpoint_(\d{8})", text)] + [0])
+            if done and max(done) >= 9 and registered == max(done) // 6 * 6 and (pid_dir / "rank1.pid").exists():
                 pid = int((pid_dir / "rank1.pid").read_text())
                 os.kill(pid, signal.SIGKILL)
-                killed["pid"], killed["after_step"] = pid, max(done)
+                killed["pid"], killed["after_step"], killed["registered"] = pid, max(done), registered
                 (pid_dir / "rank1.pid").unlink()
             time.sleep(0.2)
 
@@ -128,6 +134,7 @@ def test_worker_killed_midrun_recovers(tmp_path, tiny_model_dir, synthetic_data_
     assert steps[-1] == 18
     # after the kill, logging restarts right after the last checkpoint (step 6 or 12)
     restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    assert steps[restart] == killed["registered"] + 3, (steps, killed)  # resumed from the latest checkpoint
     repeated = steps[restart - 1] - steps[restart] + 3
     assert repeated <= 6, f"repeated {repeated} steps (> one checkpoint interval): {steps}"
     assert (pid_dir / "rank1.pid").exists()  # a new rank-1 worker started

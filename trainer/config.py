@@ -145,7 +145,9 @@ class TrainConfig:
 
 # ---- loading and validation --------------------------------------------------------------------
 
-def _check_value(key: str, f: dataclasses.Field, typ: Any, value: Any) -> Any:
+def check_value(key: str, f: dataclasses.Field, typ: Any, value: Any) -> Any:
+    """Type, choices and range of one field's value (field metadata: choices, minimum, maximum); the
+    evaluator's config validates through this too."""
     origin = get_origin(typ)
     args = get_args(typ)
     optional = type(None) in args
@@ -173,14 +175,20 @@ def _check_value(key: str, f: dataclasses.Field, typ: Any, value: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
     elif base is list or origin is list:
+        item = (get_args(typ) or (None,))[0]
+        if item is int and not (isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+            raise ConfigError(f"{key}: expected a list of integers, got {value!r}")
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
-    minimum = f.metadata.get("minimum")
-    if minimum is not None and isinstance(value, (int, float)) and value < minimum:
-        raise ConfigError(f"{key}: {value!r} is below the minimum {minimum}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        minimum, maximum = f.metadata.get("minimum"), f.metadata.get("maximum")
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"{key}: {value!r} is below the minimum {minimum}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"{key}: {value!r} is above the maximum {maximum}")
     return value
 
 
@@ -199,7 +207,7 @@ def _build(cls, data: dict, prefix: str):
         if dataclasses.is_dataclass(typ):
             kwargs[name] = _build(typ, value or {}, key + ".")
         else:
-            kwargs[name] = _check_value(key, f, typ, value)
+            kwargs[name] = check_value(key, f, typ, value)
     return cls(**kwargs)
 
 

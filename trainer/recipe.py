@@ -256,7 +256,7 @@ class FullFinetuneRecipe:
         # Keep this object alive: while it exists, from_pretrained/from_config build the model under
         # deepspeed.zero.Init for ZeRO-3, so no rank ever holds the whole model.
         self._hf_ds = HfDeepSpeedConfig(self.ds_config) if self.cfg.deepspeed.stage == 3 else None
-        kwargs = dict(dtype=self.dtype, attn_implementation=self._hf_attn())
+        kwargs = dict(dtype=self.dtype, attn_implementation=self.cfg.model.attn_implementation)
         if self._model_factory is not None:
             model = self._model_factory(**kwargs)
         else:
@@ -266,9 +266,6 @@ class FullFinetuneRecipe:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         return CausalLMWithResponseLoss(model, self.cfg.model.attn_implementation)
-
-    def _hf_attn(self) -> str:
-        return self.cfg.model.attn_implementation
 
     def _setup_engine(self, model: torch.nn.Module) -> None:
         import deepspeed
@@ -331,17 +328,17 @@ class FullFinetuneRecipe:
         step_batches = plan.batches[lo:hi]  # all workers' micro-batches of this step
         global_labels = sum(self.n_labels[i] for b in step_batches for row in b for i in row)
         mine = shard_batches(step_batches, self.ctx.rank, W)
-        micro = [self.collate(b) for b in mine]
+        micro = [self.collate(b, self.train_examples, self.lengths) for b in mine]
         real = sum(self.lengths[i] for b in mine for row in b for i in row)
         # crc of the whole step's example indices, in order: lets a resumed run prove it saw the same data
         self._fingerprint = zlib.crc32(repr(step_batches).encode(), self._fingerprint)
         return micro, global_labels, real
 
-    def collate(self, rows: list[list[int]]) -> dict:
-        examples = [[self.train_examples[i] for i in row] for row in rows]
+    def collate(self, rows: list[list[int]], examples: list[dict], lengths: list[int]) -> dict:
+        """Packed rows fill max_length; padded rows (one example each) pad to the longest in the batch."""
         L = self.cfg.data.max_length if self.cfg.data.packing else max(
-            [sum(self.lengths[i] for i in row) for row in rows] + [1])
-        return collate_packed(examples, L)
+            [sum(lengths[i] for i in row) for row in rows] + [1])
+        return collate_packed([[examples[i] for i in row] for row in rows], L)
 
     def train_step(self, micro: list[dict], global_labels: int) -> dict:
         W, A = self.ctx.world_size, self.accum
@@ -452,10 +449,7 @@ class FullFinetuneRecipe:
         total = torch.zeros(2, device=self.device)
         self.engine.eval()
         for rows in mine:
-            L = self.cfg.data.max_length if self.cfg.data.packing else max(
-                [sum(lengths[i] for i in row) for row in rows] + [1])
-            mb = collate_packed([[self.val_examples[i] for i in row] for row in rows], L)
-            mb = {k: v.to(self.device) for k, v in mb.items()}
+            mb = {k: v.to(self.device) for k, v in self.collate(rows, self.val_examples, lengths).items()}
             loss_sum, n = self.engine(mb["input_ids"], mb["labels"], mb["position_ids"], mb["doc_ids"], 1.0)
             total += torch.stack([loss_sum.float(), n.float()])
         self.engine.train()
