@@ -21,6 +21,8 @@ CEL rules (`x-kubernetes-validations`) are not evaluated (no CEL interpreter on 
 from __future__ import annotations
 
 import copy
+import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -166,3 +168,19 @@ def validate_pod_templates(obj: dict, k8s_version: str = "1.30") -> list[str]:
                    "template": copy.deepcopy(tmpl)}
         errors += [f"{describe(obj)} {where}: {e}" for e in validate_builtin(wrapped, k8s_version)]
     return errors
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tool(name: str) -> str:
+    """helm or kubectl: `.tools/bin` (what `make tools` fills), else PATH, else fetched the way make does
+    (`scripts/tools.sh`); a failed fetch fails the test."""
+    local = REPO / ".tools" / "bin" / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if found:
+        return found
+    subprocess.run(["bash", str(REPO / "scripts" / "tools.sh"), str(local.parent)], check=True, cwd=REPO)
+    return str(local)

@@ -5,27 +5,19 @@ validated against Kubernetes and KubeRay v1.7.0 schemas)."""
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from k8s_validate import load_crds, validate_objects, validate_pod_templates
+from k8s_validate import load_crds, tool, validate_objects, validate_pod_templates
 
 REPO = Path(__file__).resolve().parents[1]
 ARGO = REPO / "manifests" / "argocd"
 REPO_URL = "https://github.com/dolly-train/dolly-train"
 KUBERAY_VERSION = "1.7.0"
-
-
-def _tool(name: str) -> str:
-    path = shutil.which(name, path=os.pathsep.join([str(REPO / ".tools" / "bin"), os.environ.get("PATH", "")]))
-    assert path, f"{name} not found on PATH or in .tools/bin: run `make tools`"
-    return path
 
 
 def _docs(path: Path) -> list[dict]:
@@ -141,7 +133,7 @@ def test_ignore_differences_cover_what_kuberay_and_users_change_and_are_explaine
 
 
 def test_argocd_cm_is_generated_from_the_lua_files():
-    res = subprocess.run([_tool("kubectl"), "kustomize", str(ARGO)], capture_output=True, text=True, timeout=120)
+    res = subprocess.run([tool("kubectl"), "kustomize", str(ARGO)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     objs = [d for d in yaml.safe_load_all(res.stdout) if d]
     cm = next(o for o in objs if o["kind"] == "ConfigMap")
@@ -158,7 +150,7 @@ def test_argocd_cm_is_generated_from_the_lua_files():
 
 
 def test_eval_job_is_a_postsync_hook_on_the_shared_volume():
-    res = subprocess.run([_tool("kubectl"), "kustomize", "--load-restrictor", "LoadRestrictionsNone",
+    res = subprocess.run([tool("kubectl"), "kustomize", "--load-restrictor", "LoadRestrictionsNone",
                           str(ARGO / "eval-hook")], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     objs = [d for d in yaml.safe_load_all(res.stdout) if d]
@@ -187,7 +179,7 @@ def test_chart_under_argo_values_orders_staging_config_rayjob(kuberay_crds):
     the ConfigMap precedes the RayJob by sync wave, and every object is valid."""
     app = apps()["dolly-train"]
     chart = next(s for s in sources(app) if s.get("path") == "charts/dolly-train")
-    args = [_tool("helm"), "template", chart["helm"]["releaseName"], str(REPO / chart["path"]),
+    args = [tool("helm"), "template", chart["helm"]["releaseName"], str(REPO / chart["path"]),
             "--namespace", app["spec"]["destination"]["namespace"], "--kube-version", "1.33.0"]
     for vf in chart["helm"]["valueFiles"]:
         args += ["-f", str(REPO / vf.replace("$values/", "")) if vf.startswith("$") else str(REPO / chart["path"] / vf)]

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import subprocess
 import typing
 from pathlib import Path
@@ -52,21 +51,9 @@ MATRIX = [
 
 # ---- tools ---------------------------------------------------------------------------------------
 
-def _tool(name: str) -> str:
-    local = REPO / ".tools" / "bin" / name
-    if local.exists():
-        return str(local)
-    found = shutil.which(name)
-    if found:
-        return found
-    # Not installed yet (`make tools` normally runs first): fetch it the way make does; a failure fails the test.
-    subprocess.run(["bash", str(REPO / "scripts" / "tools.sh"), str(local.parent)], check=True, cwd=REPO)
-    return str(local)
-
-
 @pytest.fixture(scope="session")
 def helm() -> str:
-    return _tool("helm")
+    return kv.tool("helm")
 
 
 @pytest.fixture(scope="session")

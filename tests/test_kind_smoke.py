@@ -4,7 +4,6 @@ without its tools, and that every name it relies on agrees with the chart, the e
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import shutil
@@ -13,6 +12,8 @@ import tomllib
 from pathlib import Path
 
 import yaml
+
+import k8s_validate
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "kind-smoke.sh"
@@ -80,8 +81,7 @@ def test_names_agree_with_chart_eval_job_and_project():
 
 def test_rayjob_is_found_by_the_label_the_script_selects(tmp_path):
     """`kubectl get rayjobs -l app.kubernetes.io/instance=$release` must find the chart's RayJob."""
-    helm = shutil.which("helm", path=os.pathsep.join([str(REPO / ".tools" / "bin"), os.environ.get("PATH", "")]))
-    assert helm, "helm not found: run `make tools`"
+    helm = k8s_validate.tool("helm")
     v = script_vars()
     res = subprocess.run([helm, "template", v["release"], str(REPO / "charts" / "dolly-train"), "-f",
                           str(REPO / v["values"]), "--namespace", v["ns"]], capture_output=True, text=True, timeout=120)

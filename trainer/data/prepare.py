@@ -223,7 +223,9 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def load_config(path: str) -> dict:
+def load_config(path: str, spec: dict = OPTIONS) -> dict:
+    """A YAML file of option names (dashes or underscores) -> values, checked against `spec`
+    (name -> (type, default)); data-stats reads its config file through this too."""
     p = Path(path)
     try:
         data = yaml.safe_load(p.read_text()) or {}
@@ -234,25 +236,25 @@ def load_config(path: str) -> dict:
     out = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
-        if name not in OPTIONS:
-            raise DataError(f"{p}: unknown option {key!r} (known: {', '.join(OPTIONS)})", "args")
-        typ = OPTIONS[name][0]
+        if name not in spec:
+            raise DataError(f"{p}: unknown option {key!r} (known: {', '.join(spec)})", "args")
+        typ = spec[name][0]
         if value is not None and (not isinstance(value, typ) or (typ is int and isinstance(value, bool))):
             raise DataError(f"{p}: option {key!r} must be {typ.__name__}, got {value!r}", "args")
         out[name] = str(value) if typ is str and value is not None else value
     return out
 
 
-def resolve_options(args: argparse.Namespace) -> dict:
+def resolve_options(args: argparse.Namespace, spec: dict = OPTIONS, required: tuple = REQUIRED) -> dict:
     """defaults < --config file < command-line flags."""
-    options = {name: default for name, (_, default) in OPTIONS.items()}
+    options = {name: default for name, (_, default) in spec.items()}
     if args.config:
-        options.update(load_config(args.config))
-    options.update({name: getattr(args, name) for name in OPTIONS if getattr(args, name, None) is not None})
-    missing = [name for name in REQUIRED if options[name] is None]
+        options.update(load_config(args.config, spec))
+    options.update({name: getattr(args, name) for name in spec if getattr(args, name, None) is not None})
+    missing = [name for name in required if options[name] is None]
     if missing:
         raise DataError(f"missing --{missing[0].replace('_', '-')} (on the command line or in --config)", "args")
-    if options["source"] not in SOURCES:
+    if "source" in options and options["source"] not in SOURCES:
         raise DataError(f"source {options['source']!r} is not one of {', '.join(SOURCES)}", "args")
     return options
 

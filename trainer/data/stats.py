@@ -21,8 +21,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import yaml
 
+from trainer.data.prepare import resolve_options
 from trainer.data.records import DataError
 
 PERCENTILES = (50, 90, 99)
@@ -162,7 +162,7 @@ def data_stats(data, max_length: int | None = None, out=None, batch_size: int = 
 
 # ---- CLI ----------------------------------------------------------------------------------------------
 
-OPTIONS = {"data": str, "max_length": int, "out": str, "batch_size": int}
+OPTIONS = {"data": (str, None), "max_length": (int, None), "out": (str, None), "batch_size": (int, 8)}
 
 
 def add_parser(sub) -> None:
@@ -180,25 +180,7 @@ def add_parser(sub) -> None:
 
 
 def _options(args) -> dict:
-    options = {"data": None, "max_length": None, "out": None, "batch_size": 8}
-    if args.config:
-        try:
-            cfg = yaml.safe_load(Path(args.config).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise DataError(f"{args.config}: cannot read config: {e}", "args") from e
-        if not isinstance(cfg, dict):
-            raise DataError(f"{args.config}: expected a mapping of option names to values", "args")
-        for key, value in cfg.items():
-            name = str(key).replace("-", "_")
-            if name not in OPTIONS:
-                raise DataError(f"{args.config}: unknown option {key!r} (known: {', '.join(OPTIONS)})", "args")
-            if not isinstance(value, OPTIONS[name]) or isinstance(value, bool):
-                raise DataError(f"{args.config}: option {key!r} must be {OPTIONS[name].__name__}, got {value!r}", "args")
-            options[name] = value
-    options.update({k: getattr(args, k) for k in OPTIONS if getattr(args, k) is not None})
-    if not options["data"]:
-        raise DataError("missing --data (on the command line or in --config)", "args")
-    return options
+    return resolve_options(args, OPTIONS, required=("data",))
 
 
 def run(args) -> int:
