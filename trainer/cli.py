@@ -1,6 +1,7 @@
 """`dolly-train`: one entry point, one subcommand per stage.
 
     dolly-train init-tiny-model --out models/tiny
+    dolly-train init-model --arch mistral-7b --out models/mistral-7b-random     (GPU runs without the real weights)
     dolly-train prepare --source synthetic --tokenizer models/tiny --max-length 512 --out data/synthetic
     dolly-train data-stats --data data/synthetic
     dolly-train train --config cpu-tiny model.path=models/tiny data.path=data/synthetic
@@ -20,6 +21,7 @@ import sys
 # subcommand -> module that defines add_parser(subparsers) registering it (and its `func`)
 SUBCOMMANDS = {
     "init-tiny-model": "trainer.tiny_model_cli",
+    "init-model": "trainer.tiny_model_cli",
     "prepare": "trainer.data.prepare",
     "data-stats": "trainer.data.stats",
     "train": "trainer.launch",

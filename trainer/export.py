@@ -51,6 +51,13 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "aut
 
     ckpt = Path(checkpoint)
     hf = ckpt / "hf"
+    if not (ckpt / "deepspeed").is_dir() and any(hf.glob("*.safetensors")):
+        # a weights-only checkpoint (checkpoint.save_optimizer_state=false): <ckpt>/hf is already the export
+        import shutil
+
+        with atomic_dir(out) as tmp:
+            shutil.copytree(hf, tmp, dirs_exist_ok=True)
+        return Path(out)
     if not (ckpt / "deepspeed").is_dir() or not (hf / "config.json").is_file():
         raise FileNotFoundError(
             f"{ckpt}: not a dolly-train checkpoint (expected deepspeed/ and hf/config.json inside; "

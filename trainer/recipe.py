@@ -39,6 +39,10 @@ from trainer.data.packing import (
 )
 from trainer.prompt import IGNORE_INDEX
 
+class ResourcePreflightError(RuntimeError):
+    """The config cannot fit the GPU or the volume: retrying the same run cannot help."""
+
+
 OOM_HINT = (
     "Out of GPU memory. Knobs, cheapest first: model.activation_checkpointing=true, a smaller "
     "batch.micro_batch_size (raise batch.gradient_accumulation_steps to keep the global batch), "
@@ -197,10 +201,9 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
 
 
 class FullFinetuneRecipe:
-    def __init__(self, cfg: TrainConfig, ctx, model_factory=None):
+    def __init__(self, cfg: TrainConfig, ctx):
         self.cfg = cfg
         self.ctx = ctx
-        self._model_factory = model_factory  # the benchmark passes one (random weights, no download)
         if cfg.scaling.use_gpu and not torch.cuda.is_available():
             raise RuntimeError("scaling.use_gpu is true but this worker sees no CUDA device")
         self.is_main = ctx.rank == 0
@@ -212,13 +215,53 @@ class FullFinetuneRecipe:
         self.dtype = torch.bfloat16 if self.cfg.model.precision == "bf16" else torch.float32
         self._setup_data(train_examples, val_examples)
         self.ds_config = deepspeed_config(self.cfg)
+        resume_from = self.ctx.latest_checkpoint()
+        # A weights-only checkpoint holds the model as a Hugging Face folder: build the model from it.
+        weights_only = resume_from is not None and not (resume_from / "deepspeed").is_dir()
+        self.weights_path = str(resume_from / "hf") if weights_only else self.cfg.model.path
+        self._preflight_resources()
         model = self._setup_model()
         self._setup_engine(model)
         self.progress = Progress()
         self._fingerprint = 0
-        self._maybe_resume()
+        self._maybe_resume(resume_from)
         self.peak_flops = measure_peak_flops(self.device, self.dtype)
         self.metrics = MetricLogger(self.cfg, enabled=self.is_main)
+        self.metrics.log("preflight", {"step": self.progress.global_step, "parameters": self.n_params,
+                                       **{f"mem_estimate_{k}": v for k, v in self.memory_estimate.as_dict().items()},
+                                       "checkpoint_bytes_estimate": self.checkpoint_bytes})
+
+    def _preflight_resources(self) -> None:
+        """Before the model is built: the GPU memory this config needs and the volume space a checkpoint
+        takes, from the model's config alone. Refuses what clearly cannot fit, naming the knobs."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from trainer.memory import REFUSE_RATIO, checkpoint_bytes, estimate_gpu_memory
+
+        config = AutoConfig.from_pretrained(self.cfg.model.path)
+        with torch.device("meta"):
+            n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+        est = estimate_gpu_memory(self.cfg, config, n_params, self.ctx.world_size)
+        if self.device.type == "cuda":
+            est.device_gib = torch.cuda.get_device_properties(self.device).total_memory / 2**30
+        self.memory_estimate = est
+        if self.is_main and self.device.type == "cuda":
+            print(f"[dolly-train] {n_params / 1e9:.3f}B parameters; {est.line()}", flush=True)
+        if est.device_gib and est.total_gib > REFUSE_RATIO * est.device_gib:
+            raise ResourcePreflightError(f"{est.line()}: clearly more than the GPU holds. {OOM_HINT}")
+        self.checkpoint_bytes = checkpoint_bytes(n_params, self.cfg.checkpoint.save_optimizer_state,
+                                                 self.cfg.model.precision)
+        run_dir = getattr(self.ctx, "run_dir", None)
+        if self.is_main and run_dir is not None:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(run_dir).free
+            if free < self.checkpoint_bytes:
+                kind = "full" if self.cfg.checkpoint.save_optimizer_state else "weights-only"
+                raise ResourcePreflightError(
+                    f"{run_dir}: {free / 1e9:.1f} GB free, but one {kind} checkpoint of this model takes about "
+                    f"{self.checkpoint_bytes / 1e9:.1f} GB (and {self.cfg.checkpoint.keep + 1} are on the volume "
+                    "while the oldest is replaced). Use a larger volume, or checkpoint.save_optimizer_state=false "
+                    "(weights-only: 2 bytes per parameter), or a smaller checkpoint.keep.")
 
     def _setup_data(self, train_examples, val_examples) -> None:
         if train_examples is None:
@@ -256,12 +299,13 @@ class FullFinetuneRecipe:
         # Keep this object alive: while it exists, from_pretrained/from_config build the model under
         # deepspeed.zero.Init for ZeRO-3, so no rank ever holds the whole model.
         self._hf_ds = HfDeepSpeedConfig(self.ds_config) if self.cfg.deepspeed.stage == 3 else None
-        kwargs = dict(dtype=self.dtype, attn_implementation=self.cfg.model.attn_implementation)
-        if self._model_factory is not None:
-            model = self._model_factory(**kwargs)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(self.cfg.model.path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            self.weights_path, dtype=self.dtype, attn_implementation=self.cfg.model.attn_implementation)
         model.config.use_cache = False
+        # from_pretrained returns the model in eval mode, and transformers applies activation checkpointing
+        # only in training mode (`self.gradient_checkpointing and self.training`): without this, the
+        # checkpointing preset silently kept every activation and ran out of memory on the GPU.
+        model.train()
         if self.cfg.model.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
@@ -297,14 +341,19 @@ class FullFinetuneRecipe:
         torch.manual_seed(seed)
 
     # ---- resume ------------------------------------------------------------------------------
-    def _maybe_resume(self) -> None:
-        ckpt = self.ctx.latest_checkpoint()
+    def _maybe_resume(self, ckpt: Path | None) -> None:
         if ckpt is None:
             return
-        path, _ = self.engine.load_checkpoint(str(ckpt / "deepspeed"), tag="state",
-                                              load_optimizer_states=True, load_lr_scheduler_states=True)
-        if path is None:
-            raise RuntimeError(f"{ckpt}: no DeepSpeed state could be loaded")
+        if (ckpt / "deepspeed").is_dir():
+            path, _ = self.engine.load_checkpoint(str(ckpt / "deepspeed"), tag="state",
+                                                  load_optimizer_states=True, load_lr_scheduler_states=True)
+            if path is None:
+                raise RuntimeError(f"{ckpt}: no DeepSpeed state could be loaded")
+        else:  # weights-only: the model came from <ckpt>/hf in setup; the LR schedule continues, Adam restarts
+            self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
+            if self.is_main:
+                print(f"[dolly-train] {ckpt} is a weights-only checkpoint: Adam's moments restart from zero",
+                      flush=True)
         self.progress = Progress(**json.loads((ckpt / "progress.json").read_text()))
         rng = ckpt / f"rng_rank{self.ctx.rank}.pt"
         if rng.exists():
@@ -467,24 +516,35 @@ class FullFinetuneRecipe:
         name = f"checkpoint_{p.global_step:08d}"
         t0 = time.perf_counter()
         with self.ctx.checkpoint_dir(name) as d:
-            self.engine.save_checkpoint(str(d / "deepspeed"), tag="state")
+            if self.cfg.checkpoint.save_optimizer_state:
+                self.engine.save_checkpoint(str(d / "deepspeed"), tag="state")
+            else:
+                self._save_weights_only(d)
             rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                    "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
             torch.save(rng, d / f"rng_rank{self.ctx.rank}.pt")
             if self.is_main:
                 (d / "progress.json").write_text(json.dumps(p.__dict__, indent=2))
                 (d / "config.yaml").write_text(self.cfg.to_yaml())
-                model = self.engine.module.model
-                model.config.save_pretrained(d / "hf")
-                if model.generation_config is not None:
-                    model.generation_config.save_pretrained(d / "hf")
-                copy_tokenizer(self.cfg.model.path, d / "hf")
+                if self.cfg.checkpoint.save_optimizer_state:  # weights-only wrote a whole HF folder already
+                    model = self.engine.module.model
+                    model.config.save_pretrained(d / "hf")
+                    if model.generation_config is not None:
+                        model.generation_config.save_pretrained(d / "hf")
+                    copy_tokenizer(self.cfg.model.path, d / "hf")
         if self.ctx.world_size > 1:
             torch.distributed.barrier()
         save_s = time.perf_counter() - t0
         m = {"step": p.global_step, "checkpoint": name, "save_seconds": save_s, "final": final}
         self.metrics.log("checkpoint", m)
         self.ctx.report({"step": p.global_step, "checkpoint_save_s": save_s}, checkpoint=d)
+
+    def _save_weights_only(self, d: Path) -> None:
+        """A weights-only checkpoint: the training-dtype weights as a Hugging Face folder (<d>/hf) and the
+        LR scheduler; with progress and RNG (written by the caller) that is what a resume needs."""
+        self.export(d / "hf")
+        if self.is_main:
+            torch.save(self.scheduler.state_dict(), d / "scheduler.pt")
 
     def export(self, out: str | Path) -> Path | None:
         """Consolidated Hugging Face folder (all ranks must call: ZeRO-3 gathers the shards)."""

@@ -1,8 +1,11 @@
-"""`dolly-train init-tiny-model`: the embedded default model.
+"""Random-init model folders: `dolly-train init-tiny-model` (the embedded default) and `dolly-train init-model`.
 
-A small `MistralForCausalLM` built from a config (random init; head_dim 64, which vLLM's CPU attention
-supports) with the real Mistral-7B-Instruct-v0.3 tokenizer that ships inside the `mistral-common` package,
-saved as a Hugging Face folder that `AutoTokenizer`, `AutoModelForCausalLM` and vLLM load offline.
+A `MistralForCausalLM` built from a config (random init) with the real Mistral-7B-Instruct-v0.3 tokenizer that
+ships inside the `mistral-common` package, saved as a Hugging Face folder that `AutoTokenizer`,
+`AutoModelForCausalLM` and vLLM load offline:
+- `tiny`: 5.2M parameters, head_dim 64 (which vLLM's CPU attention supports), trains in minutes on 2 CPU cores;
+- `mistral-7b`: Mistral-7B-Instruct-v0.3's exact architecture (7.25B parameters, bf16 safetensors), for runs
+  and benchmarks where the real weights cannot be downloaded; `--layers N` keeps the width at a smaller depth.
 """
 
 from __future__ import annotations
@@ -45,6 +48,30 @@ TINY_MISTRAL = dict(
 )
 
 
+# Mistral-7B-Instruct-v0.3's config.json, field for field (7.25B parameters).
+MISTRAL_7B = dict(
+    vocab_size=32768,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    hidden_act="silu",
+    max_position_embeddings=32768,
+    initializer_range=0.02,
+    rms_norm_eps=1e-5,
+    rope_theta=1_000_000.0,
+    sliding_window=None,
+    attention_dropout=0.0,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+ARCHITECTURES = {"tiny": TINY_MISTRAL, "mistral-7b": MISTRAL_7B}
+
+
 def mistral_common_tokenizer_file() -> Path:
     import mistral_common
 
@@ -64,22 +91,45 @@ def write_tokenizer(out: Path) -> None:
 
 def init_tiny_model(out: str | Path, seed: int = 0, **overrides) -> Path:
     """Write the tiny model folder atomically (a temp dir renamed into place)."""
+    return init_model(out, arch="tiny", seed=seed, **overrides)
+
+
+def init_model(out: str | Path, arch: str = "tiny", seed: int = 0, layers: int | None = None,
+               dtype: str | None = None, device: str | None = None, **overrides) -> Path:
+    """Write a random-init model folder of `arch` atomically. `dtype` defaults to fp32 for `tiny` (CPU
+    training) and bf16 otherwise (the dtype Mistral publishes); `device` to CUDA when there is one, where
+    initialising 7B parameters takes seconds instead of minutes."""
     import torch
     from transformers import GenerationConfig, MistralConfig, MistralForCausalLM
 
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
+    dtype = dtype or ("float32" if arch == "tiny" else "bfloat16")
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    device = device or ("cuda" if torch.cuda.is_available() and arch != "tiny" else "cpu")
+    fields = {**ARCHITECTURES[arch], **overrides}
+    if layers is not None:
+        fields["num_hidden_layers"] = layers
     out = Path(out)
     with atomic_dir(out) as tmp:
         torch.manual_seed(seed)
-        config = MistralConfig(**{**TINY_MISTRAL, **overrides})
-        config.dtype = torch.float32
-        model = MistralForCausalLM(config)
-        model.save_pretrained(tmp, safe_serialization=True)
+        config = MistralConfig(**fields)
+        config.dtype = torch_dtype
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(torch_dtype)  # allocate in the target dtype: no fp32 copy of 7B parameters
+        try:
+            with torch.device(device):
+                model = MistralForCausalLM(config)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size="5GB")
         GenerationConfig(bos_token_id=1, eos_token_id=2, do_sample=False, max_new_tokens=256).save_pretrained(tmp)
         write_tokenizer(tmp)
     return out
 
 
 def parameter_count(config_dict: dict | None = None) -> int:
+    """Parameters of a Mistral config (built on the meta device: no memory)."""
     from transformers import MistralConfig, MistralForCausalLM
     import torch
 

@@ -1,0 +1,198 @@
+"""The model the recipe trains is the model the preset describes: loaded with `from_pretrained` (the
+product's path, which the GPU benchmark now shares), in training mode, with activation checkpointing in
+effect when the config asks for it.
+
+Found on an H200: `from_pretrained` returns the model in eval mode, where transformers skips activation
+checkpointing, so the checkpointing preset kept every activation and ran out of memory in its first forward
+pass, while the benchmark (then building the model with `from_config`, which leaves it in training mode)
+peaked 20 GiB lower. Checkpointing shows on the CPU as the decoder layers running their forward twice per
+micro-batch (once in the forward pass, once recomputed in the backward pass)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+import pytest
+
+SCRIPT = textwrap.dedent(
+    """
+    import os, sys, json
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[5], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    import deepspeed
+    from trainer import config as C
+    from trainer.recipe import FullFinetuneRecipe, LocalContext
+
+    model_dir, data_dir, out, ac = sys.argv[1:5]
+    cfg = C.load("cpu-tiny", [f"model.path={model_dir}", f"data.path={data_dir}", f"checkpoint.storage_path={out}",
+                              "scaling.num_workers=1", "schedule.max_steps=2", "deepspeed.stage=3",
+                              f"model.activation_checkpointing={ac}", "batch.gradient_accumulation_steps=2"])
+    deepspeed.init_distributed(dist_backend="gloo")
+    recipe = FullFinetuneRecipe(cfg, LocalContext(cfg.run_dir()))
+    recipe.setup()
+    hf = recipe.engine.module.model
+    calls = []
+    hf.model.layers[0].register_forward_pre_hook(lambda m, a: calls.append(m.training))
+    plan = recipe._plan(0)
+    micro, labels, _ = recipe.step_batches(plan, 0)
+    recipe.train_step(micro, labels)
+    print("RESULT " + json.dumps({
+        "module_training": [m.training for m in recipe.engine.module.modules()].count(False) == 0,
+        "layer_calls": len(calls), "micro_batches": len(micro),
+    }))
+    """
+)
+
+
+def run(tmp_path, model_dir, data_dir, ac: bool, port: int) -> dict:
+    import json
+
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(model_dir), str(data_dir), str(tmp_path),
+                           str(ac).lower(), str(port)], capture_output=True, text=True, timeout=600)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and line, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(line[-1].removeprefix("RESULT "))
+
+
+@pytest.mark.slow
+def test_from_pretrained_model_trains_in_training_mode_with_checkpointing(tmp_path, tiny_model_dir,
+                                                                          synthetic_data_dir):
+    with_ac = run(tmp_path / "ac", tiny_model_dir, synthetic_data_dir, True, 29541)
+    without = run(tmp_path / "noac", tiny_model_dir, synthetic_data_dir, False, 29542)
+    assert with_ac["module_training"] and without["module_training"]
+    # one forward per micro-batch without checkpointing; a recompute per micro-batch with it
+    assert without["layer_calls"] == without["micro_batches"] == 2
+    assert with_ac["layer_calls"] == 2 * with_ac["micro_batches"] == 4
+
+
+# ---- preflight: GPU memory estimate and checkpoint size -----------------------------------------------
+
+def _mistral_7b_config():
+    from transformers import MistralConfig
+
+    from trainer.tiny_model import MISTRAL_7B, parameter_count
+
+    return MistralConfig(**MISTRAL_7B), parameter_count(MISTRAL_7B)
+
+
+def test_memory_estimate_separates_what_fits_one_h200_from_what_does_not():
+    from trainer import config as C
+    from trainer.memory import REFUSE_RATIO, estimate_gpu_memory
+
+    mc, n = _mistral_7b_config()
+    assert 7.2e9 < n < 7.3e9
+    h200 = 139.8
+    preset = estimate_gpu_memory(C.load("mistral-7b-zero3-1gpu"), mc, n, 1)
+    # the preset ran on an H200 at 117 GiB peak: the estimate must let it run
+    assert preset.total_gib < h200
+    # without activation checkpointing the same 8 x 2,048-token micro-batch ran out of memory there
+    no_ac = estimate_gpu_memory(C.load("mistral-7b-zero3-1gpu", ["model.activation_checkpointing=false"]), mc, n, 1)
+    assert no_ac.total_gib > REFUSE_RATIO * h200
+    assert no_ac.activations_gib > 10 * preset.activations_gib
+    # fp32 master weights + Adam moments: 12 bytes per parameter at world size 1, an eighth of it on 8 GPUs
+    assert preset.optimizer_gib * 2**30 == pytest.approx(12 * n)
+    eight = estimate_gpu_memory(C.load("mistral-7b-zero3"), mc, n, 8)
+    assert eight.optimizer_gib == pytest.approx(preset.optimizer_gib / 8)
+
+
+def _bare_recipe(tmp_path, tiny_model_dir, *overrides):
+    from trainer import config as C
+    from trainer.recipe import FullFinetuneRecipe, LocalContext
+
+    cfg = C.load("cpu-tiny", [f"model.path={tiny_model_dir}", f"checkpoint.storage_path={tmp_path}", *overrides])
+    recipe = FullFinetuneRecipe(cfg, LocalContext(cfg.run_dir()))
+    recipe.device = torch.device("cpu")
+    return recipe
+
+
+def test_preflight_refuses_a_config_the_gpu_cannot_hold(tmp_path, tiny_model_dir, monkeypatch):
+    from types import SimpleNamespace
+
+    from trainer.recipe import ResourcePreflightError
+
+    recipe = _bare_recipe(tmp_path, tiny_model_dir, "data.max_length=4096", "batch.micro_batch_size=64")
+    recipe.device = torch.device("cuda", 0)  # a device object only: nothing touches CUDA but the patched call
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=2**28))
+    with pytest.raises(ResourcePreflightError, match="activation_checkpointing"):
+        recipe._preflight_resources()
+
+
+def test_preflight_refuses_a_checkpoint_the_volume_cannot_hold(tmp_path, tiny_model_dir, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from trainer.recipe import ResourcePreflightError
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
+    recipe = _bare_recipe(tmp_path, tiny_model_dir)
+    with pytest.raises(ResourcePreflightError, match="save_optimizer_state=false") as e:
+        recipe._preflight_resources()
+    assert str(tmp_path) in str(e.value) and "0.0 GB free" in str(e.value)
+    assert f"takes about {recipe.checkpoint_bytes / 1e9:.1f} GB" in str(e.value)
+    # weights-only checkpoints of a bf16 model take 2 of the 14 bytes per parameter a full one takes
+    from trainer.memory import checkpoint_bytes
+
+    assert checkpoint_bytes(1000, False, "bf16") * 7 == checkpoint_bytes(1000, True, "bf16")
+
+
+WEIGHTS_ONLY = textwrap.dedent(
+    """
+    import os, sys, json, torch
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[5], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    import deepspeed
+    from safetensors.torch import load_file
+    from trainer import config as C
+    from trainer.recipe import FullFinetuneRecipe, LocalContext
+
+    model_dir, data_dir, out, steps = sys.argv[1:5]
+    cfg = C.load("cpu-tiny", [f"model.path={model_dir}", f"data.path={data_dir}", f"checkpoint.storage_path={out}",
+                              "scaling.num_workers=1", f"schedule.max_steps={steps}", "deepspeed.stage=3",
+                              "checkpoint.save_optimizer_state=false", "checkpoint.every_steps=2",
+                              "checkpoint.run_name=wo", "logging.every_steps=1", "logging.eval_every_steps=100"])
+    deepspeed.init_distributed(dist_backend="gloo")
+    recipe = FullFinetuneRecipe(cfg, LocalContext(cfg.run_dir()))
+    recipe.setup()
+    first = {"step": recipe.progress.global_step, "lr_epoch": recipe.scheduler.last_epoch}
+    if first["step"]:
+        ckpt = recipe.ctx.latest_checkpoint()
+        saved = load_file(str(ckpt / "hf" / "model.safetensors"))
+        name = "model.layers.0.mlp.down_proj.weight"
+        with deepspeed.zero.GatheredParameters(list(recipe.engine.module.parameters())):
+            live = dict(recipe.engine.module.model.named_parameters())[name].detach().clone()
+        first["weights_equal"] = bool(torch.equal(saved[name], live))
+    recipe.train()
+    print("RESULT " + json.dumps(first))
+    """
+)
+
+
+@pytest.mark.slow
+def test_weights_only_checkpoint_resumes_weights_schedule_and_position(tmp_path, tiny_model_dir, synthetic_data_dir):
+    import json
+
+    def go(steps, port):
+        proc = subprocess.run([sys.executable, "-c", WEIGHTS_ONLY, str(tiny_model_dir), str(synthetic_data_dir),
+                               str(tmp_path), str(steps), str(port)], capture_output=True, text=True, timeout=600)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        assert proc.returncode == 0 and line, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return json.loads(line[-1].removeprefix("RESULT ")), proc.stdout
+
+    first, _ = go(4, 29543)
+    run = tmp_path / "wo"
+    ckpt = run / "checkpoint_00000004"
+    assert not (ckpt / "deepspeed").exists()  # no optimizer state on the volume
+    assert (ckpt / "hf" / "model.safetensors").is_file() and (ckpt / "scheduler.pt").is_file()
+    assert first == {"step": 0, "lr_epoch": 0}
+    second, out = go(6, 29544)
+    assert second == {"step": 4, "lr_epoch": 4, "weights_equal": True}, second
+    assert "Adam's moments restart" in out
+    train = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [m["step"] for m in train if m["kind"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    # the resumed steps continue the loss curve (no jump back to the untrained loss of step 1)
+    loss = {m["step"]: m["loss"] for m in train if m["kind"] == "train"}
+    assert loss[5] < loss[1] and loss[6] < loss[1]

@@ -1,0 +1,87 @@
+"""Before the model is built: how much GPU memory a config needs, and how much disk a checkpoint takes.
+
+An estimate, not a promise: it counts the large terms (weights, gradients, fp32 master weights and Adam
+moments per ZeRO stage and offload, activations per micro-batch with or without activation checkpointing,
+the LM head over label positions) and leaves out allocator fragmentation and DeepSpeed's buckets. The GPU
+record in docs/benchmarks/ sets each estimate beside the measured peak. A run refuses to start only when the
+estimate clearly exceeds the GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+GIB = 2**30
+# Refuse only when the estimate is this much above the device: the estimate omits a few GiB of buckets and
+# fragmentation, so a config it puts slightly over may still run (and then fails with the OOM hint).
+REFUSE_RATIO = 1.10
+
+
+@dataclass
+class MemoryEstimate:
+    weights_gib: float
+    gradients_gib: float
+    optimizer_gib: float  # fp32 master weights + Adam moments held on the GPU
+    activations_gib: float
+    lm_head_gib: float
+    total_gib: float
+    device_gib: float | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def line(self) -> str:
+        dev = f" of {self.device_gib:.0f} GiB on the device" if self.device_gib else ""
+        return (f"GPU memory estimate {self.total_gib:.1f} GiB{dev}: weights {self.weights_gib:.1f}, "
+                f"gradients {self.gradients_gib:.1f}, optimizer {self.optimizer_gib:.1f}, "
+                f"activations {self.activations_gib:.1f}, LM head {self.lm_head_gib:.1f}")
+
+
+def estimate_gpu_memory(cfg, model_config, n_params: int, world_size: int) -> MemoryEstimate:
+    """Per-GPU bytes for training `n_params` parameters of a decoder-only `model_config` under `cfg`."""
+    ds = cfg.deepspeed
+    W = max(world_size, 1)
+    half = 2 if cfg.model.precision == "bf16" else 4
+    H = model_config.hidden_size
+    I = model_config.intermediate_size
+    n_layers = model_config.num_hidden_layers
+    heads = model_config.num_attention_heads
+    kv = getattr(model_config, "num_key_value_heads", heads) or heads
+    head_dim = getattr(model_config, "head_dim", None) or H // heads
+    V = model_config.vocab_size
+
+    # Weights and gradients in the training dtype; ZeRO-3 shards both, ZeRO-2 only the gradients' reduced copy.
+    if ds.stage == 3:
+        weights = 0 if ds.offload_params else n_params * half / W
+        grads = n_params * half / W
+    else:
+        weights = n_params * half
+        grads = n_params * half + n_params * 4 / W  # bf16 grads + the fp32 partition DeepSpeed reduces into
+    # fp32 master weights (only with bf16) + two Adam moments, sharded by every ZeRO stage.
+    opt_bytes = (4 if cfg.model.precision == "bf16" else 0) + 8
+    optimizer = 0 if ds.offload_optimizer else n_params * opt_bytes / W
+
+    tokens = cfg.batch.micro_batch_size * cfg.data.max_length
+    # Elements one decoder layer keeps for backward per token: norms, q/k/v, attention output, o_proj output,
+    # MLP gate/up/activation/product, down_proj output (SDPA/flex keep no L x L matrix).
+    per_layer = 2 * H + (heads + 2 * kv) * head_dim + heads * head_dim + H + 4 * I + H
+    if cfg.model.activation_checkpointing:
+        # each layer keeps its input; one layer's full set lives at a time while it is recomputed
+        activations = tokens * (n_layers * H + per_layer) * half
+    else:
+        activations = tokens * n_layers * per_layer * half
+    # LM head over label positions (at most every token): fp32 logits, their gradient and the bf16 product.
+    lm_head = tokens * V * (4 + 4 + half) * 0.5  # ~half the positions carry a label in Dolly's prompts
+
+    total = weights + grads + optimizer + activations + lm_head
+    return MemoryEstimate(*(x / GIB for x in (weights, grads, optimizer, activations, lm_head, total)))
+
+
+def checkpoint_bytes(n_params: int, save_optimizer_state: bool, precision: str) -> int:
+    """Bytes one checkpoint takes on the volume, all ranks together."""
+    half = 2 if precision == "bf16" else 4
+    if not save_optimizer_state:
+        return n_params * half  # the weights as a Hugging Face folder
+    # DeepSpeed: fp32 master weights (bf16 runs) + two Adam moments in the optimizer shards, plus the
+    # training-dtype weights in the model-state files.
+    return n_params * ((4 if precision == "bf16" else 0) + 8 + half)
