@@ -1,17 +1,20 @@
 """Training throughput of the project's own training step on one GPU (no Ray needed).
 
-    python bench/train_throughput.py --tokenizer DIR --out results/            # the default variant set
-    python bench/train_throughput.py --tokenizer DIR --variants z2-packed-sdpa,z2-padded-sdpa --steps 10
+    python bench/train_throughput.py --out results/                      # the default variant set
+    python bench/train_throughput.py --model DIR --data DIR --variants preset-1gpu --steps 10
 
-Builds the Mistral-7B architecture from a config with random weights (no download), feeds it packed rows of
-Dolly-length data from the synthetic generator (`profile="dolly"`, tokenized by `trainer.prompt`), and times
-`FullFinetuneRecipe.train_step` - the same DeepSpeed engine, collation and attention path `dolly-train train`
-runs - at world size 1 (`LocalContext`). Each variant runs in its own process, so an out-of-memory variant is
-recorded as such and does not poison the next.
+Loads a Mistral-7B-architecture folder (`--model`; default: one written once by `dolly-train init-model --arch
+mistral-7b`, random weights, no download) with `from_pretrained`, exactly as `dolly-train train` does, feeds it
+packed rows of Dolly-length data (a `dolly-train prepare` dir with `--data`, else the synthetic generator's
+`profile="dolly"` tokenized by `trainer.prompt`), and times `FullFinetuneRecipe.train_step` - the same model
+load, DeepSpeed engine, collation and attention path `dolly-train train` runs - at world size 1
+(`LocalContext`, no Ray). Each variant runs in its own process, so an out-of-memory variant is recorded as such
+and does not poison the next.
 
 Measured in one run: a bf16 matmul peak on this GPU; per variant, warm-up then the median step time over
-`--steps` steps, real (non-padding) tokens/s, MFU = 6 x parameters x real tokens/s / measured peak, peak
-GPU memory. Writes one JSON record per run (GPU, versions, configs, figures) and prints a table.
+`--steps` steps, real (non-padding) tokens/s (median of the steps' rates, and total tokens over total time),
+MFU = 6 x parameters x real tokens/s against the measured peak and against the datasheet's dense bf16 peak,
+peak GPU memory beside the preflight estimate. Writes one JSON record per run and prints a table.
 """
 
 from __future__ import annotations
@@ -28,15 +31,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# Mistral-7B-Instruct-v0.3's architecture (its config.json), 7.25B parameters.
-MISTRAL_7B = dict(
-    vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=8, max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-5,
-    sliding_window=None, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-)
-# A 2-layer model of the same width: checks every variant's code path in seconds before the real runs.
-SMOKE = {**MISTRAL_7B, "num_hidden_layers": 2, "intermediate_size": 1024, "hidden_size": 1024,
-         "num_attention_heads": 8, "num_key_value_heads": 2}
+# A 2-layer model, narrower: checks every variant's code path in seconds before the real runs.
+SMOKE = {"num_hidden_layers": 2, "intermediate_size": 1024, "hidden_size": 1024, "num_attention_heads": 8,
+         "num_key_value_heads": 2, "head_dim": 128}
+CPU = {**SMOKE, "hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 256,
+       "head_dim": 64}
+# Dense bf16 peak by the vendor's datasheet (H100/H200 SXM: 989.4 TFLOP/s without sparsity).
+DATASHEET_BF16 = {"H200": 989.4e12, "H100": 989.4e12}
 
 # name -> config overrides on top of BASE (the mistral-7b-zero3 preset at world size 1, 2 rows per micro-step,
 # no activation checkpointing, no accumulation), except "preset-1gpu", which is the shipped single-GPU preset
@@ -64,6 +65,12 @@ VARIANTS = {
                            "batch.micro_batch_size=4"],
     "z2-offload-packed-flex": ["deepspeed.stage=2", "deepspeed.offload_optimizer=true", "data.packing=true",
                                "model.attn_implementation=flex_attention", "batch.gradient_accumulation_steps=8"],
+    # ZeRO-3 at world size 1 with every parameter persistent: nothing gathered per micro-step (issue 14's lever)
+    "z3-persist-ac8": ["deepspeed.stage=3", "data.packing=true", "model.attn_implementation=flex_attention",
+                       "model.activation_checkpointing=true", "batch.micro_batch_size=8",
+                       "batch.gradient_accumulation_steps=2", "deepspeed.param_persistence_threshold=10000000000"],
+    "z3-persist-noac": ["deepspeed.stage=3", "data.packing=true", "model.attn_implementation=flex_attention",
+                        "batch.gradient_accumulation_steps=8", "deepspeed.param_persistence_threshold=10000000000"],
 }
 DEFAULT_VARIANTS = "preset-1gpu,z3-packed-flex,z3-padded-sdpa,z2-packed-flex,z3-packed-sdpa"
 
@@ -107,21 +114,19 @@ def run_variant(args) -> dict:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000), RANK="0",
                       WORLD_SIZE="1", LOCAL_RANK="0")
     import deepspeed
-    from transformers import AutoModelForCausalLM, MistralConfig
 
     from trainer import config as C
     from trainer.recipe import FullFinetuneRecipe, LocalContext
 
-    arch = SMOKE if args.smoke else MISTRAL_7B
     cpu = args.cpu  # a code-path check on a machine without a GPU (tiny numbers, no meaning)
-    if cpu:
-        arch = {**SMOKE, "hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 256}
     preset = "mistral-7b-zero3-1gpu" if args.variant == "preset-1gpu" else "mistral-7b-zero3"
     base = [] if args.variant == "preset-1gpu" else BASE
     overrides = base + VARIANTS[args.variant] + [
         "scaling.num_workers=1", f"data.max_length={args.max_length}", "checkpoint.storage_path=/tmp/dolly-bench",
-        f"checkpoint.run_name={args.variant}", "model.path=/nonexistent", *args.override,
+        f"checkpoint.run_name={args.variant}", f"model.path={args.model}", *args.override,
     ]
+    if args.data:
+        overrides.append(f"data.path={args.data}")
     if cpu:
         overrides += ["scaling.use_gpu=false", "model.precision=fp32", "model.attn_implementation=sdpa"]
     cfg = C.load(preset, overrides)
@@ -130,20 +135,15 @@ def run_variant(args) -> dict:
     if not cpu:
         torch.cuda.set_device(0)
 
-    def factory(**kw):
-        config = MistralConfig(**arch)
-        if cfg.deepspeed.stage == 3:  # HfDeepSpeedConfig is alive: from_config builds under zero.Init
-            return AutoModelForCausalLM.from_config(config, **kw)
-        with torch.device("cpu" if cpu else "cuda"):
-            return AutoModelForCausalLM.from_config(config, **kw)
-
-    examples = dolly_examples(args.tokenizer, args.num_examples, args.max_length, args.seed)
+    # With --data, the recipe reads the prepared dir itself, as `dolly-train train` does.
+    examples = None if args.data else dolly_examples(args.model, args.num_examples, args.max_length, args.seed)
     t0 = time.perf_counter()
-    recipe = FullFinetuneRecipe(cfg, LocalContext("/tmp/dolly-bench"), model_factory=factory)
-    recipe.setup(train_examples=examples, val_examples=[])
+    recipe = FullFinetuneRecipe(cfg, LocalContext("/tmp/dolly-bench"))
+    recipe.setup(train_examples=examples, val_examples=[] if examples is not None else None)
     setup_s = time.perf_counter() - t0
     plan = recipe._plan(0)
     times, reals = [], []
+    losses = []
     total = args.warmup + args.steps
     if total + 1 > recipe.steps_per_epoch:
         raise SystemExit(f"only {recipe.steps_per_epoch} steps of data; lower --steps or raise --num-examples")
@@ -154,7 +154,7 @@ def run_variant(args) -> dict:
         sync()
         t = time.perf_counter()
         out = recipe.train_step(micro, global_labels)
-        out["loss_scaled_sum"].item()  # the step is done when its loss is on the host
+        losses.append(out["loss_scaled_sum"].item() / recipe.accum)  # the step is done when its loss is on the host
         sync()
         if s >= args.warmup:
             times.append(time.perf_counter() - t)
@@ -173,6 +173,9 @@ def run_variant(args) -> dict:
         "step_times_s": times,
         "real_tokens_per_step_mean": sum(reals) / len(reals),
         "real_tokens_per_s": tps,
+        "real_tokens_per_s_median": statistics.median(r / t for r, t in zip(reals, times)),
+        "losses": losses,
+        "memory_estimate_gib": recipe.memory_estimate.total_gib,
         "packing_efficiency": plan.efficiency,
         "tokens_per_row": tokens_per_row,
         "phase_s": breakdown,
@@ -217,7 +220,11 @@ def environment() -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokenizer", required=True, help="folder with the Mistral v3 tokenizer.model")
+    p.add_argument("--model", help="model folder (default: a random-init Mistral-7B-architecture folder written "
+                   "once under --model-cache by `dolly-train init-model`)")
+    p.add_argument("--model-cache", default="/tmp/dolly-bench/models", help="where the default model folder is kept")
+    p.add_argument("--data", help="a `dolly-train prepare` dir (default: synthetic Dolly-profile records)")
+    p.add_argument("--datasheet-tflops", type=float, help="dense bf16 peak for the second MFU (default: by GPU name)")
     p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, from: {', '.join(VARIANTS)}")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
@@ -238,16 +245,31 @@ def main() -> int:
 
     import torch
 
+    from trainer.tiny_model import init_model
+
+    if not args.model:
+        layers, extra = (None, {}) if not (args.smoke or args.cpu) else (2, CPU if args.cpu else SMOKE)
+        kind = "cpu" if args.cpu else "smoke" if args.smoke else "mistral-7b"
+        args.model = str(Path(args.model_cache) / kind)
+        if not (Path(args.model) / "config.json").is_file():
+            t = time.perf_counter()
+            init_model(args.model, arch="mistral-7b", layers=layers,
+                       dtype="float32" if args.cpu else "bfloat16", **extra)
+            print(f"wrote {args.model} in {time.perf_counter() - t:.0f}s", flush=True)
     peak = 1e12 if args.cpu else matmul_peak()
     env = environment() if not args.cpu else {"gpu": "cpu", "gpu_count": 0, "cuda": None, "versions": {}}
-    print(f"{env['gpu']}: measured bf16 matmul peak {peak / 1e12:.0f} TFLOP/s", flush=True)
+    sheet = (args.datasheet_tflops * 1e12 if args.datasheet_tflops else
+             next((v for k, v in DATASHEET_BF16.items() if k in env["gpu"]), None))
+    print(f"{env['gpu']}: measured bf16 matmul peak {peak / 1e12:.0f} TFLOP/s; datasheet "
+          f"{sheet / 1e12 if sheet else float('nan'):.0f}", flush=True)
     results = []
     for name in args.variants.split(","):
-        cmd = [sys.executable, __file__, "--variant", name, "--tokenizer", args.tokenizer, "--steps", str(args.steps),
+        cmd = [sys.executable, __file__, "--variant", name, "--model", args.model, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--max-length", str(args.max_length),
                "--num-examples", str(args.num_examples), "--seed", str(args.seed)]
         cmd += ["--smoke"] if args.smoke else []
         cmd += ["--cpu"] if args.cpu else []
+        cmd += ["--data", args.data] if args.data else []
         for o in args.override:
             cmd += ["--override", o]
         t0 = time.perf_counter()
@@ -256,7 +278,8 @@ def main() -> int:
             line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
             if line:
                 r = json.loads(line[7:])
-                r["mfu"] = 6 * r["parameters"] * r["real_tokens_per_s"] / peak
+                r["mfu"] = 6 * r["parameters"] * r["real_tokens_per_s"] / peak  # against the measured peak
+                r["mfu_datasheet"] = 6 * r["parameters"] * r["real_tokens_per_s"] / sheet if sheet else None
             else:
                 tail = (proc.stdout + proc.stderr)[-3000:]
                 oom = "out of memory" in tail.lower() or "OutOfMemoryError" in tail
@@ -274,7 +297,8 @@ def main() -> int:
         if "error" in r:
             print(r["log_tail"][-1500:], flush=True)
 
-    record = {"date": time.strftime("%Y-%m-%d"), **env, "matmul_peak_flops": peak, "smoke": args.smoke,
+    record = {"date": time.strftime("%Y-%m-%d"), **env, "matmul_peak_flops": peak, "datasheet_peak_flops": sheet,
+              "model": args.model, "data": args.data, "smoke": args.smoke,
               "steps": args.steps, "warmup": args.warmup, "max_length": args.max_length, "results": results}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -283,13 +307,15 @@ def main() -> int:
     tmp.write_text(json.dumps(record, indent=2))
     os.replace(tmp, path)
 
-    print(f"\n{'variant':26s} {'real tok/s':>11s} {'MFU':>6s} {'step s':>7s} {'pack eff':>8s} {'GiB':>6s}")
+    print(f"\n{'variant':26s} {'real tok/s':>11s} {'median':>8s} {'MFU':>6s} {'MFU ds':>6s} {'step s':>7s} "
+          f"{'pack eff':>8s} {'GiB':>6s} {'est GiB':>7s}")
     for r in results:
         if "error" in r:
             print(f"{r['variant']:26s} {r['error']}")
         else:
-            print(f"{r['variant']:26s} {r['real_tokens_per_s']:11,.0f} {r['mfu']:6.1%} {r['median_step_s']:7.3f} "
-                  f"{r['packing_efficiency']:8.3f} {r['peak_gpu_mem_gib']:6.1f}")
+            print(f"{r['variant']:26s} {r['real_tokens_per_s']:11,.0f} {r['real_tokens_per_s_median']:8,.0f} "
+                  f"{r['mfu']:6.1%} {(r['mfu_datasheet'] or 0):6.1%} {r['median_step_s']:7.3f} "
+                  f"{r['packing_efficiency']:8.3f} {r['peak_gpu_mem_gib']:6.1f} {r['memory_estimate_gib']:7.1f}")
     print(f"record: {path}")
     del torch
     return 0

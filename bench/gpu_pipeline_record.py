@@ -1,0 +1,171 @@
+"""One JSON record of a `bench/gpu_pipeline.sh` run: training throughput under Ray vs the benchmark, memory,
+checkpoint and resume, export, eval.
+
+    python bench/gpu_pipeline_record.py --work /root/dolly-gpu --run /root/dolly-gpu/runs/gpu-pipeline \\
+        --preset mistral-7b-zero3-1gpu --arch mistral-7b --out docs/benchmarks/gpu-pipeline-2026-12-01.json
+
+The resume check is computed, not assumed: the data fingerprint of every logged step is recomputed from the
+prepared data dir and the run's config with the recipe's own planner, so a resumed leg that replayed the
+epoch from its start, or skipped ahead, fails it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import zlib
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+WARMUP_LOGS = 2  # logged windows dropped at the start of each leg (compile, allocator warm-up)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def legs(records: list[dict]) -> list[list[dict]]:
+    """Split metrics.jsonl into the legs of the run: each leg starts with its `preflight` record."""
+    out: list[list[dict]] = []
+    for r in records:
+        if r["kind"] == "preflight" or not out:
+            out.append([])
+        out[-1].append(r)
+    return out
+
+
+def expected_fingerprints(run: Path, steps: list[int], log_every: int) -> dict[int, int]:
+    """The `data_fingerprint` the recipe logs at each of `steps`, recomputed from the data dir and config."""
+    from datasets import load_from_disk
+
+    from trainer import config as C
+    from trainer.data.packing import plan_epoch
+
+    cfg = C.load(str(run / "config.yaml"))
+    ds = load_from_disk(str(Path(cfg.data.path) / "tokenized" / "train")).select_columns(["input_ids"])
+    lengths = [len(x) for x in ds["input_ids"]]
+    W, A = cfg.scaling.num_workers, cfg.batch.gradient_accumulation_steps
+    plans: dict[int, object] = {}
+    first = plan_epoch(lengths, cfg.data.max_length, cfg.data.packing, cfg.batch.micro_batch_size, cfg.seed, 0, W * A)
+    per_epoch = len(first.batches) // (W * A)
+    plans[0] = first
+
+    def step_batches(g: int):  # global step g (0-based) -> all workers' micro-batches of that step
+        epoch, s = divmod(g, per_epoch)
+        if epoch not in plans:
+            plans[epoch] = plan_epoch(lengths, cfg.data.max_length, cfg.data.packing, cfg.batch.micro_batch_size,
+                                      cfg.seed, epoch, W * A)
+        return plans[epoch].batches[s * W * A:(s + 1) * W * A]
+
+    out = {}
+    for step in steps:
+        crc = 0
+        for g in range(step - log_every, step):
+            crc = zlib.crc32(repr(step_batches(g)).encode(), crc)
+        out[step] = crc
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", required=True, help="the pipeline's work dir (holds timings/)")
+    p.add_argument("--run", required=True, help="the run dir")
+    p.add_argument("--preset", required=True)
+    p.add_argument("--arch", required=True)
+    p.add_argument("--out", required=True, help="JSON record to write")
+    args = p.parse_args()
+    work, run = Path(args.work), Path(args.run)
+    timings = {f.name: f.read_text().strip() for f in (work / "timings").iterdir()}
+    num = {k: float(v) for k, v in timings.items() if v.replace(".", "", 1).isdigit()}
+
+    records = read_jsonl(run / "metrics.jsonl")
+    run_legs = legs(records)
+    train = [r for r in records if r["kind"] == "train"]
+    steady = [r for leg in run_legs for r in [x for x in leg if x["kind"] == "train"][WARMUP_LOGS:]]
+    ray_tps = statistics.median(r["tokens_per_s"] for r in steady) if steady else None
+    ray_peak = max((r.get("gpu_mem_peak_gb") or 0) for r in train) if train else None
+    preflight = next((r for r in records if r["kind"] == "preflight"), {})
+
+    bench = {}
+    if "bench_record" in timings:
+        rec = json.loads(Path(timings["bench_record"]).read_text())
+        bench = next((r for r in rec["results"] if r.get("variant") == "preset-1gpu" and "error" not in r), {})
+        bench["_record"] = rec
+    bench_tps = bench.get("real_tokens_per_s_median")
+
+    # resume: leg 2 starts at the checkpoint leg 1 was killed after, logs the next window, and every logged
+    # step's data fingerprint equals the planner's
+    log_every = 2
+    resumed_from = int(num.get("killed_after_checkpoint", 0))
+    leg2_train = [r for r in run_legs[-1] if r["kind"] == "train"] if len(run_legs) > 1 else []
+    fp_expected = expected_fingerprints(run, sorted({r["step"] for r in train}), log_every)
+    fp_ok = all(r["data_fingerprint"] == fp_expected[r["step"]] for r in train)
+    first_loss = train[0]["loss"] if train else None
+    leg1_last = [r for r in run_legs[0] if r["kind"] == "train" and r["step"] <= resumed_from]
+    resume = {
+        "killed_after_checkpoint_step": resumed_from,
+        "first_step_logged_after_resume": leg2_train[0]["step"] if leg2_train else None,
+        "fingerprints_match_planner": fp_ok,
+        "loss_first_logged": first_loss,
+        "loss_before_kill": leg1_last[-1]["loss"] if leg1_last else None,
+        "loss_first_after_resume": leg2_train[0]["loss"] if leg2_train else None,
+    }
+    resume_ok = bool(leg2_train) and leg2_train[0]["step"] == resumed_from + log_every and fp_ok and \
+        leg2_train[0]["loss"] < 0.9 * first_loss
+    ckpts = [r for r in records if r["kind"] == "checkpoint"]
+
+    eval_metrics = {}
+    em = run / "eval" / "tuned" / "metrics.json"
+    if em.is_file():
+        eval_metrics = json.loads(em.read_text())
+
+    record = {
+        "date": __import__("time").strftime("%Y-%m-%d"),
+        "gpu": bench.get("_record", {}).get("gpu"),
+        "versions": bench.get("_record", {}).get("versions"),
+        "matmul_peak_flops": bench.get("_record", {}).get("matmul_peak_flops"),
+        "datasheet_peak_flops": bench.get("_record", {}).get("datasheet_peak_flops"),
+        "preset": args.preset,
+        "arch": args.arch,
+        "parameters": preflight.get("parameters"),
+        "steps": max((r["step"] for r in train), default=0),
+        "ray_tokens_per_s": ray_tps,
+        "bench_tokens_per_s": bench_tps,
+        "ray_vs_bench": ray_tps / bench_tps if ray_tps and bench_tps else None,
+        "ray_gpu_mem_peak_gib": ray_peak,
+        "bench_gpu_mem_peak_gib": bench.get("peak_gpu_mem_gib"),
+        "gpu_mem_estimate_gib": preflight.get("mem_estimate_total_gib"),
+        "checkpoint_mode": "full" if (run / "config.yaml").read_text().find("save_optimizer_state: false") < 0
+        else "weights-only",
+        "checkpoint_save_s": statistics.median(r["save_seconds"] for r in ckpts) if ckpts else None,
+        "checkpoint_save_s_all": [r["save_seconds"] for r in ckpts],
+        "checkpoint_bytes": int(num["checkpoint_bytes"]) if "checkpoint_bytes" in num else None,
+        "checkpoint_bytes_estimate": preflight.get("checkpoint_bytes_estimate"),
+        "model_bytes": int(num["model_bytes"]) if "model_bytes" in num else None,
+        "resume_ok": resume_ok,
+        "resume": resume,
+        "export_s": num.get("export"),
+        "eval_wall_s": {k: num[k] for k in ("eval_base", "eval_tuned") if k in num} or None,
+        "eval_generated_tokens_per_s": eval_metrics.get("generation", {}).get("tokens_per_s")
+        if isinstance(eval_metrics.get("generation"), dict) else eval_metrics.get("generated_tokens_per_s"),
+        "wall_s": {k: num[k] for k in ("model", "data", "train_leg1", "train_leg2", "export") if k in num},
+        "train_log": [{k: r.get(k) for k in ("step", "loss", "tokens_per_s", "gpu_mem_peak_gb", "data_fingerprint")}
+                      for r in train],
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, out)
+    short = {k: v for k, v in record.items() if k not in ("train_log", "versions", "resume")}
+    print(json.dumps(short, indent=1))
+    print("resume:", json.dumps(resume))
+    return 0 if resume_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
