@@ -125,7 +125,7 @@ stage_train_resume() {
 }
 
 stage_export() {
-  local last; last=$(ls -d "$R/$RUN"/checkpoint_* | sort | tail -n1)
+  local last; last=$(ls -d "$R/$RUN"/checkpoint_[0-9]* | sort | tail -n1)
   du -sb "$last" | cut -f1 > "$T/checkpoint_bytes"
   timed export cli export --checkpoint "$last" --out "$R/$RUN/export"
 }

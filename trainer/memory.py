@@ -77,11 +77,12 @@ def estimate_gpu_memory(cfg, model_config, n_params: int, world_size: int) -> Me
     return MemoryEstimate(*(x / GIB for x in (weights, grads, optimizer, activations, lm_head, total)))
 
 
-def checkpoint_bytes(n_params: int, save_optimizer_state: bool, precision: str) -> int:
+def checkpoint_bytes(n_params: int, save_optimizer_state: bool, precision: str, stage: int = 3) -> int:
     """Bytes one checkpoint takes on the volume, all ranks together."""
     half = 2 if precision == "bf16" else 4
     if not save_optimizer_state:
         return n_params * half  # the weights as a Hugging Face folder
-    # DeepSpeed: fp32 master weights (bf16 runs) + two Adam moments in the optimizer shards, plus the
-    # training-dtype weights in the model-state files.
-    return n_params * ((4 if precision == "bf16" else 0) + 8 + half)
+    # DeepSpeed: fp32 master weights (bf16 runs) + two Adam moments in the optimizer shards (12 bytes per
+    # parameter: 13.69 GB measured for 1.14B parameters on the H200); ZeRO-2's model-state file also holds the
+    # training-dtype weights, ZeRO-3's only placeholders.
+    return n_params * ((4 if precision == "bf16" else 0) + 8 + (half if stage == 2 else 0))

@@ -250,7 +250,7 @@ class FullFinetuneRecipe:
         if est.device_gib and est.total_gib > REFUSE_RATIO * est.device_gib:
             raise ResourcePreflightError(f"{est.line()}: clearly more than the GPU holds. {OOM_HINT}")
         self.checkpoint_bytes = checkpoint_bytes(n_params, self.cfg.checkpoint.save_optimizer_state,
-                                                 self.cfg.model.precision)
+                                                 self.cfg.model.precision, self.cfg.deepspeed.stage)
         run_dir = getattr(self.ctx, "run_dir", None)
         if self.is_main and run_dir is not None:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -425,11 +425,14 @@ class FullFinetuneRecipe:
                 if p.global_step % cfg.logging.every_steps == 0 or p.global_step == self.total_steps:
                     window_t, window_tokens, window_steps, loss_acc = self._log_train(
                         plan, window_t, window_tokens, window_steps, loss_acc, bar)
+                # validation and checkpoints are timed apart: tokens/s is the training rate alone
+                paused = time.perf_counter()
                 if p.global_step % cfg.logging.eval_every_steps == 0 and p.global_step < self.total_steps:
                     self._log_eval()
                 if p.global_step % cfg.checkpoint.every_steps == 0 and p.global_step < self.total_steps:
                     self.save_checkpoint()
                     last_ckpt_step = p.global_step
+                window_t += time.perf_counter() - paused
             if p.step_in_epoch >= self.steps_per_epoch:
                 p.epoch += 1
                 p.step_in_epoch = 0
