@@ -2,8 +2,10 @@
 
 The server is http.server on 127.0.0.1 (a random port) answering the Kubernetes API paths the client uses, the
 way the API server does: bearer-token auth, 404/409 Status objects, patch content types checked (merge patch on
-custom resources; JSON Patch bodies must be lists), RayJob status moving through KubeRay's states per read, pod
-lists filtered by label selector, pod logs (streamed with follow). The real `kubernetes` client talks to it over
+custom resources; JSON Patch bodies must be lists), RayJob status moving through KubeRay's states per read and
+per watch event (a chunked watch stream ending after timeoutSeconds, 410 Gone as an ERROR event), scripted
+faults (5xx answers, a dropped watch connection, a request that hangs), pod lists filtered by label selector,
+pod logs (streamed with follow). The real `kubernetes` client talks to it over
 HTTP through a kubeconfig file, and over HTTPS with a service-account token for the in-cluster path.
 """
 
@@ -59,9 +61,15 @@ class FakeKube:
 
     def __init__(self):
         self.objects: dict[tuple, dict] = {}      # (resource, namespace, name) -> object
-        self.statuses: dict[tuple, list] = {}     # (namespace, rayjob) -> statuses, one consumed per read
+        self.statuses: dict[tuple, list] = {}     # (namespace, rayjob) -> pending statuses, one per read/event
         self.logs: dict[tuple, list[str]] = {}    # (namespace, pod) -> log lines
         self.requests: list[dict] = []
+        # Faults for the next RayJob reads and watches, in order: an HTTP status (int), "drop" (a watch stream
+        # cut after its first event, without the closing chunk), "gone" (a watch answering 410 as an ERROR
+        # event), "hang" (no answer for `hang_seconds`).
+        self.faults: list = []
+        self.hang_seconds = 5.0
+        self.resource_version = 100
         self.lock = threading.Lock()
 
     def add_pod(self, ns: str, name: str, job: str, created: str, lines: list[str]):
@@ -75,6 +83,17 @@ class FakeKube:
         }
         self.logs[(ns, name)] = lines
 
+    def next_status(self, ns: str, name: str) -> dict | None:
+        """Apply the next pending status to the RayJob (as a KubeRay status update would); None when none is left."""
+        queue = self.statuses.get((ns, name))
+        if not queue:
+            return None
+        obj = self.objects[("rayjobs", ns, name)]
+        obj["status"] = queue.pop(0)
+        self.resource_version += 1
+        obj["metadata"]["resourceVersion"] = str(self.resource_version)
+        return copy.deepcopy(obj)
+
     def handle(self, method: str, url: str, headers, body: bytes):
         parsed = urlparse(url)
         query = {k: v[0] for k, v in parse_qs(parsed.query).items()}
@@ -87,12 +106,22 @@ class FakeKube:
         routes = [
             (r"/apis/ray\.io/v1/namespaces/([^/]+)/rayjobs(?:/([^/]+))?", "rayjobs"),
             (r"/api/v1/namespaces/([^/]+)/configmaps(?:/([^/]+))?", "configmaps"),
+            (r"/apis/networking\.k8s\.io/v1/namespaces/([^/]+)/networkpolicies(?:/([^/]+))?", "networkpolicies"),
             (r"/api/v1/namespaces/([^/]+)/pods/([^/]+)/log", "log"),
             (r"/api/v1/namespaces/([^/]+)/pods", "pods"),
         ]
         for pattern, resource in routes:
             m = re.fullmatch(pattern, parsed.path)
             if m:
+                if resource == "rayjobs" and method == "GET" and self.faults:
+                    fault = self.faults.pop(0)
+                    if isinstance(fault, int):
+                        return fault, _status(fault, "ServiceUnavailable" if fault == 503 else "InternalError",
+                                              "the server is currently unable to handle the request")
+                    if fault == "hang":
+                        time.sleep(self.hang_seconds)
+                    elif query.get("watch") == "true":
+                        return 200, ("watch", m.group(1), query, fault)
                 with self.lock:
                     return self._route(method, resource, m.group(1), m.group(2) if m.lastindex > 1 else None,
                                        query, headers, data)
@@ -106,6 +135,8 @@ class FakeKube:
             return 200, ("stream" if query.get("follow") == "true" else "text", self.logs[(ns, name)])
         if method == "POST":
             return self._create(resource, ns, data)
+        if name is None and query.get("watch") == "true":
+            return 200, ("watch", ns, query, None)
         if name is None:  # list
             selector = dict(part.split("=", 1) for part in query.get("labelSelector", "").split(",") if part)
             items = [o for (r, n, _), o in self.objects.items() if r == resource and n == ns
@@ -116,9 +147,8 @@ class FakeKube:
             return 404, _status(404, "NotFound", f'{kind} "{name}" not found')
         obj = self.objects[key]
         if method == "GET":
-            queue = self.statuses.get((ns, name))
-            if queue:
-                obj["status"] = queue.pop(0) if len(queue) > 1 else queue[0]
+            if resource == "rayjobs":
+                self.next_status(ns, name)
             return 200, obj
         if method == "PATCH":
             ctype = headers.get("Content-Type")
@@ -136,6 +166,28 @@ class FakeKube:
             return 200, {"kind": "Status", "apiVersion": "v1", "status": "Success",
                          "details": {"name": name, "group": "ray.io", "kind": "rayjobs", "uid": obj["metadata"]["uid"]}}
         return 405, _status(405, "MethodNotAllowed", method)
+
+    def watch_events(self, ns: str, query: dict, fault):
+        """Events of a RayJob watch (fieldSelector metadata.name=<name>): one MODIFIED per pending status, then
+        quiet until timeoutSeconds. Yields dicts; the string "drop" means: cut the connection here."""
+        name = query.get("fieldSelector", "").removeprefix("metadata.name=")
+        if fault == "gone":
+            yield {"type": "ERROR", "object": _status(410, "Expired", "too old resource version: 1 (4242)")}
+            return
+        end = time.monotonic() + float(query.get("timeoutSeconds", 30))
+        while time.monotonic() < end:
+            with self.lock:
+                if ("rayjobs", ns, name) not in self.objects:
+                    return
+                obj = self.next_status(ns, name)
+            if obj is None:
+                time.sleep(0.01)
+                continue
+            yield {"type": "MODIFIED", "object": obj}
+            if fault == "drop":
+                yield "drop"
+                return
+            time.sleep(0.005)
 
     def _create(self, resource, ns, data):
         name = data["metadata"]["name"]
@@ -155,6 +207,27 @@ class Handler(BaseHTTPRequestHandler):
     def _serve(self):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         code, payload = self.server.kube.handle(self.command, self.path, self.headers, body)
+        if isinstance(payload, tuple) and payload[0] == "watch":  # a chunked stream of JSON lines, as the API server
+            _, ns, query, fault = payload
+            self.protocol_version = "HTTP/1.1"
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            try:
+                for event in self.server.kube.watch_events(ns, query, fault):
+                    if event == "drop":  # no closing chunk: the client sees a broken connection
+                        self.close_connection = True
+                        return
+                    line = json.dumps(event).encode() + b"\n"
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+                    self.wfile.flush()
+                self.wfile.write(b"0\r\n\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up on the watch (its own read timeout)
+            self.close_connection = True
+            return
         if isinstance(payload, tuple):  # pod log
             mode, lines = payload
             self.send_response(code)

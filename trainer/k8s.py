@@ -5,7 +5,8 @@
     dolly-train submit --config cpu-tiny --image ghcr.io/dolly-train/cpu:0.1.0 --name tiny --pvc dolly-train \\
         model.path=/mnt/dolly/models/tiny data.path=/mnt/dolly/data/synthetic checkpoint.storage_path=/mnt/dolly/runs
     dolly-train status tiny -n dolly-train
-    dolly-train wait tiny -n dolly-train --timeout 3600             # exit 0 SUCCEEDED, 1 failed, 124 timeout
+    dolly-train wait tiny -n dolly-train --timeout 3600             # exit 0 SUCCEEDED, 1 failed, 124 timeout,
+                                                                    # 69 cannot reach / authenticate to the API
     dolly-train logs tiny -n dolly-train --follow                   # the submitter pod (`ray job submit` output)
     dolly-train suspend|resume|delete tiny -n dolly-train
 
@@ -36,12 +37,27 @@ CONFIG_MOUNT = "/etc/dolly-train"
 # KubeRay rejects longer RayJob names (ValidationFailed): it derives RayCluster and pod names from them.
 MAX_NAME = 47
 _NAME = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+# `dolly-train wait` exit codes (also in its --help).
+EXIT_SUCCEEDED = 0
+EXIT_FAILED = 1  # KubeRay reports the RayJob failed
 EXIT_TIMEOUT = 124  # like coreutils `timeout`
+EXIT_API = 69  # sysexits EX_UNAVAILABLE: no credentials, rejected credentials, API server unreachable, no such RayJob
 MERGE_PATCH = "application/merge-patch+json"
+REQUEST_TIMEOUT = 30.0  # seconds for one API call (connect + read); a watch gets its own, bounded by --timeout
+TRANSIENT_HTTP = {429, 500, 502, 503, 504}
 
 
 class K8sError(RuntimeError):
-    """A problem the user can fix (bad input, missing object, no credentials); printed without a traceback."""
+    """A problem the user can fix (bad input, missing object, no credentials); printed without a traceback.
+    `transient`: worth retrying (connection refused or dropped, timeouts, 429 and 5xx answers)."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
+
+
+class WatchExpired(Exception):
+    """The API server no longer has the watched resourceVersion (410 Gone): read the object again."""
 
 
 # ---- connection ---------------------------------------------------------------------------------------------
@@ -165,16 +181,57 @@ class RayJobClient:
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError
 
+        kwargs.setdefault("_request_timeout", REQUEST_TIMEOUT)  # a hung connection never outlasts the caller
         try:
             return fn(*args, **kwargs)
         except ApiException as e:
-            raise K8sError(f"{what} in namespace {self.namespace}: {_api_reason(e)}") from e
-        except HTTPError as e:
-            raise K8sError(f"{what}: cannot reach the API server at {self.api.configuration.host}: {e}") from e
+            if e.status == 0 or e.status is None:  # raised by the client itself, e.g. a failed TLS handshake
+                raise K8sError(f"{what}: cannot reach the API server at {self.api.configuration.host}: {e.reason}",
+                               transient=True) from e
+            raise K8sError(f"{what} in namespace {self.namespace}: {_api_reason(e)}",
+                           transient=e.status in TRANSIENT_HTTP) from e
+        except (HTTPError, OSError) as e:
+            raise K8sError(f"{what}: cannot reach the API server at {self.api.configuration.host}: {e}",
+                           transient=True) from e
 
-    def get(self, name: str) -> dict:
+    def get(self, name: str, timeout: float = REQUEST_TIMEOUT) -> dict:
         return self._call(f"RayJob {name}", self.custom.get_namespaced_custom_object,
-                          GROUP, VERSION, self.namespace, PLURAL, name)
+                          GROUP, VERSION, self.namespace, PLURAL, name, _request_timeout=timeout)
+
+    def watch(self, name: str, resource_version: str, seconds: int, timeout: float):
+        """RayJob objects as the API server reports changes after `resource_version`, until the server ends the
+        watch (after `seconds`), the connection drops (K8sError, transient) or a read waits `timeout` seconds.
+        Raises WatchExpired on 410 Gone (the caller reads the object again and watches from there)."""
+        resp = self._call(f"watch RayJob {name}", self.custom.list_namespaced_custom_object,
+                          GROUP, VERSION, self.namespace, PLURAL, field_selector=f"metadata.name={name}",
+                          watch=True, resource_version=resource_version, timeout_seconds=max(1, int(seconds)),
+                          allow_watch_bookmarks=False, _preload_content=False,
+                          _request_timeout=(min(10.0, timeout), timeout))  # (connect, each read)
+        from urllib3.exceptions import HTTPError
+
+        buf = b""
+        try:
+            for chunk in resp.stream(4096, decode_content=True):
+                buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    if not line.strip():
+                        continue
+                    event = json.loads(line)
+                    obj = event.get("object") or {}
+                    if event.get("type") == "ERROR":
+                        if obj.get("code") == 410:
+                            raise WatchExpired(obj.get("message", "410 Gone"))
+                        raise K8sError(f"watch RayJob {name}: {obj.get('reason')} ({obj.get('code')}): "
+                                       f"{obj.get('message', '')}", transient=obj.get("code") in TRANSIENT_HTTP)
+                    if event.get("type") == "DELETED":
+                        raise K8sError(f"RayJob {name} in namespace {self.namespace} was deleted while waiting")
+                    yield obj
+        except (HTTPError, OSError) as e:
+            raise K8sError(f"watch RayJob {name}: connection to {self.api.configuration.host} lost: {e}",
+                           transient=True) from e
+        finally:
+            resp.release_conn()
 
     def state(self, name: str) -> RayJobState:
         return RayJobState.from_object(self.get(name))
@@ -414,29 +471,80 @@ def cmd_status(args) -> int:
 
 
 def wait_for(client: RayJobClient, name: str, timeout: float, poll: float, out=None) -> int:
-    """Poll until the RayJob succeeds (0) or fails (1), or `timeout` seconds pass (124); log each change."""
+    """Follow the RayJob until it succeeds (0) or fails (1), or `timeout` seconds pass (124); exit 69 when the API
+    server cannot be reached (retried with backoff until the deadline) or refuses the credentials or the name.
+
+    Each round reads the object (GET) and then watches it from that resourceVersion; a watch that ends, drops its
+    connection or expires (410) is resumed by the next round, so no change is missed and none is waited for
+    longer than `poll` seconds past a quiet watch. Every call carries a request timeout bounded by the deadline."""
     out = out or sys.stdout
-    start, last = time.monotonic(), None
-    while True:
-        s = client.state(name)
-        elapsed = time.monotonic() - start
-        if s.summary() != last:
-            last = s.summary()
-            print(f"[{elapsed:7.1f}s] {name}: {last}", file=out, flush=True)
-        if s.outcome == "succeeded":
+    start = time.monotonic()
+    deadline = start + timeout
+    last, state, api_error, delay = None, None, None, min(max(poll, 0.05), 1.0)
+
+    def report(obj: dict) -> int | None:
+        nonlocal last, state
+        state = RayJobState.from_object(obj)
+        if state.summary() != last:
+            last = state.summary()
+            print(f"[{time.monotonic() - start:7.1f}s] {name}: {last}", file=out, flush=True)
+        if state.outcome == "succeeded":
             print(f"{name}: SUCCEEDED", file=out, flush=True)
-            return 0
-        if s.outcome == "failed":
-            print(f"{name}: FAILED - {s.summary()}", file=sys.stderr, flush=True)
-            return 1
-        if elapsed >= timeout:
-            print(f"{name}: timed out after {timeout:g} s ({s.summary()})", file=sys.stderr, flush=True)
+            return EXIT_SUCCEEDED
+        if state.outcome == "failed":
+            print(f"{name}: FAILED - {state.summary()}", file=sys.stderr, flush=True)
+            return EXIT_FAILED
+        return None
+
+    while True:
+        remaining, in_watch = deadline - time.monotonic(), False
+        try:
+            obj = client.get(name, timeout=min(REQUEST_TIMEOUT, max(remaining, 0.1)))
+            api_error, delay = None, min(max(poll, 0.05), 1.0)
+            verdict = report(obj)
+            if verdict is not None:
+                return verdict
+            rv = (obj.get("metadata") or {}).get("resourceVersion") or "0"
+            remaining = deadline - time.monotonic()
+            if remaining > 0:
+                in_watch = True
+                for obj in client.watch(name, rv, seconds=min(max(poll, 1.0), remaining + 1),
+                                        timeout=min(max(poll, 1.0) + 5.0, remaining + 1.0)):
+                    verdict = report(obj)
+                    if verdict is not None:
+                        return verdict
+                    if time.monotonic() >= deadline:
+                        break
+        except WatchExpired:
+            continue  # read the object again, watch from its new resourceVersion
+        except K8sError as e:
+            if not e.transient:
+                print(f"dolly-train wait: {e}", file=sys.stderr, flush=True)
+                return EXIT_API
+            if not (in_watch and time.monotonic() >= deadline):  # a watch read cut short by our own deadline is no error
+                api_error = e
+                pause = min(delay, max(deadline - time.monotonic(), 0))
+                print(f"[{time.monotonic() - start:7.1f}s] {name}: API error, retrying in {pause:.1f} s: {e}",
+                      file=sys.stderr, flush=True)
+                time.sleep(pause)
+                delay = min(delay * 2, 30.0)
+        if time.monotonic() >= deadline:
+            if api_error is not None:
+                print(f"{name}: cannot reach the API server for {timeout:g} s; last error: {api_error}",
+                      file=sys.stderr, flush=True)
+                return EXIT_API
+            print(f"{name}: timed out after {timeout:g} s ({state.summary() if state else 'no status'})",
+                  file=sys.stderr, flush=True)
             return EXIT_TIMEOUT
-        time.sleep(min(poll, max(timeout - elapsed, 0.01)))
 
 
 def cmd_wait(args) -> int:
-    return wait_for(_client(args), args.name, args.timeout, args.poll)
+    try:
+        client = _client(args)
+    except K8sError as e:  # no or unreadable credentials: not a verdict about the job
+        print(f"dolly-train wait: {e}", file=sys.stderr)
+        return EXIT_API
+    return wait_for(client, args.name, args.timeout, args.poll)
 
 
 def cmd_logs(args) -> int:
@@ -518,12 +626,22 @@ def add_parser(sub) -> None:
     p.add_argument("-o", "--output", choices=("table", "json"), default="table", help="output format (default: %(default)s)")
     p.set_defaults(func=_guard(cmd_status))
 
-    p = sub.add_parser("wait", formatter_class=fmt, help="wait for a RayJob to finish",
-                       description="Wait for a RayJob: exit 0 when the Ray job SUCCEEDED (and KubeRay marked it Complete), 1 when it failed "
-                                   "(including a Failed/ValidationFailed deployment), 124 on timeout.")
+    p = sub.add_parser("wait", formatter_class=argparse.RawDescriptionHelpFormatter, help="wait for a RayJob to finish",
+                       description="Wait for a RayJob, following it with a watch (resumed after a dropped connection) "
+                                   "and retrying transient API errors with backoff.\n"
+                                   "A retry (jobDeploymentStatus Retrying, within spec.backoffLimit) is not a failure.",
+                       epilog="exit status:\n"
+                              f"  {EXIT_SUCCEEDED:<4} the Ray job SUCCEEDED and KubeRay marked the RayJob Complete\n"
+                              f"  {EXIT_FAILED:<4} the RayJob failed: deployment Failed or ValidationFailed, Complete "
+                              "without SUCCEEDED,\n       or the Ray job FAILED in its last attempt\n"
+                              f"  {EXIT_TIMEOUT:<4} --timeout passed while the RayJob was still running\n"
+                              f"  {EXIT_API:<4} cannot reach or authenticate to the API server (no or rejected "
+                              "credentials,\n       unreachable for the whole --timeout), or no such RayJob\n"
+                              "  2    bad arguments")
     _common(p)
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait (default: %(default)s)")
-    p.add_argument("--poll", type=float, default=10.0, help="seconds between status reads (default: %(default)s)")
+    p.add_argument("--poll", type=float, default=10.0,
+                   help="longest quiet watch before the status is read again (default: %(default)s)")
     p.set_defaults(func=_guard(cmd_wait))
 
     p = sub.add_parser("logs", formatter_class=fmt, help="print the submitter pod's logs",
