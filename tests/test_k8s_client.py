@@ -412,7 +412,7 @@ def test_submit_config_builds_rayjob_and_owned_configmap(api, kube, capsys, kube
     workers = spec["rayClusterSpec"]["workerGroupSpecs"][0]
     assert workers["replicas"] == expected.scaling.num_workers == 2
     pod = workers["template"]["spec"]
-    assert {"name": "shared", "persistentVolumeClaim": {"claimName": "dolly-train-shared"}} in pod["volumes"]
+    assert {"claimName": "dolly-train-shared"} in [v.get("persistentVolumeClaim") for v in pod["volumes"]]
     assert pod["containers"][0]["image"] == "ghcr.io/dolly-train/cpu:0.1.0"
     assert "nvidia.com/gpu" not in pod["containers"][0]["resources"]["limits"]
     from k8s_validate import validate_objects, validate_pod_templates
@@ -423,10 +423,14 @@ def test_submit_config_builds_rayjob_and_owned_configmap(api, kube, capsys, kube
 def test_submit_config_conflict_removes_its_configmap(api, kube, capsys):
     put_rayjob(kube, "tiny", [rayjob_status("Running", "RUNNING")])
     overrides = ["model.path=/m", "data.path=/d", "checkpoint.storage_path=/runs"]
-    assert run(api, "submit", "-n", NS, "--config", "cpu-tiny", "--image", "img:1", "--name", "tiny", *overrides) == 1
+    assert run(api, "submit", "-n", NS, "--config", "cpu-tiny", "--image", "img:1", "--name", "tiny",
+               "--pvc", "shared", *overrides) == 1
     assert 'AlreadyExists (409): rayjobs.ray.io "tiny" already exists' in capsys.readouterr().err
     assert ("configmaps", NS, "tiny-config") not in kube.objects
-    assert [r["method"] for r in kube.requests] == ["POST", "POST", "DELETE"]
+    assert ("networkpolicies", NS, "tiny-ray") not in kube.objects
+    assert [(r["method"], r["path"].rsplit("/", 1)[-1] if r["method"] == "POST" else r["path"].split("/")[-2])
+            for r in kube.requests] == [("POST", "networkpolicies"), ("POST", "configmaps"), ("POST", "rayjobs"),
+                                        ("DELETE", "configmaps"), ("DELETE", "networkpolicies")]
 
 
 def test_submit_config_rejects_bad_input_before_any_request(api, kube, capsys):
@@ -446,9 +450,10 @@ def test_submit_dry_run_prints_valid_objects_and_sends_nothing(api, kube, capsys
     from k8s_validate import validate_objects
 
     assert run(api, "submit", "--config", "cpu-tiny", "--image", "i:1", "--name", "tiny", "--dry-run",
-               "model.path=/m", "data.path=/d", "checkpoint.storage_path=s3://bucket/runs") == 0
+               "--pvc", "shared", "model.path=/m", "data.path=/d", "checkpoint.storage_path=s3://bucket/runs") == 0
     docs = list(yaml.safe_load_all(capsys.readouterr().out))
-    assert [d["kind"] for d in docs] == ["ConfigMap", "RayJob"] and kube.requests == []
+    docs.sort(key=lambda d: d["kind"])
+    assert [d["kind"] for d in docs] == ["ConfigMap", "NetworkPolicy", "RayJob"] and kube.requests == []
     assert yaml.safe_load(docs[0]["data"]["train.yaml"])["checkpoint"]["storage_path"] == "s3://bucket/runs"
     assert validate_objects(docs, kuberay_crds) == []
 

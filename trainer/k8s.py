@@ -2,8 +2,9 @@
 
     helm template dolly-train charts/dolly-train -f my-values.yaml > rendered.yaml
     dolly-train submit --file rendered.yaml -n dolly-train          # the RayJob out of a multi-doc file
-    dolly-train submit --config cpu-tiny --image ghcr.io/dolly-train/cpu:0.1.0 --name tiny --pvc dolly-train \\
+    dolly-train submit --config cpu-tiny --image ghcr.io/dolly-train/cpu:0.1.0 --name tiny --pvc dolly-train-data \\
         model.path=/mnt/dolly/models/tiny data.path=/mnt/dolly/data/synthetic checkpoint.storage_path=/mnt/dolly/runs
+        # renders charts/dolly-train (`helm template`) with values from the config and flags: the chart's RayJob
     dolly-train status tiny -n dolly-train
     dolly-train wait tiny -n dolly-train --timeout 3600             # exit 0 SUCCEEDED, 1 failed, 124 timeout,
                                                                     # 69 cannot reach / authenticate to the API
@@ -123,8 +124,9 @@ class RayJobState:
 
     @property
     def attempt(self) -> int:
-        """The attempt now running (1-based); in Retrying, `failed` already counts the attempt that just failed."""
-        return self.failed if self.deployment_status == "Retrying" else self.failed + 1
+        """The attempt now running (1-based); in Retrying and Failed, `failed` already counts the attempt that just
+        failed."""
+        return self.failed if self.deployment_status in ("Retrying", "Failed") and self.failed else self.failed + 1
 
     @property
     def outcome(self) -> str:
@@ -149,13 +151,17 @@ class RayJobState:
         if self.deployment_status == "Retrying":
             return (f"attempt {self.attempt}/{self.attempts} failed, retrying on a new RayCluster "
                     f"(attempt {self.attempt + 1}/{self.attempts})")
-        if self.job_status == "FAILED" and self.outcome == "running":
-            return f"attempt {self.attempt}/{self.attempts} failed, KubeRay will retry"
+        if self.deployment_status == "Failed":
+            return f"after attempt {self.attempt}/{self.attempts}"
+        if self.job_status == "FAILED" and self.deployment_status != "Complete":
+            if self.outcome == "running":
+                return f"attempt {self.attempt}/{self.attempts} failed, KubeRay will retry"
+            return f"attempt {self.attempt}/{self.attempts} failed, no retry left"
         return f"attempt {self.attempt}/{self.attempts}"
 
     def summary(self) -> str:
         text = f"deployment {self.deployment_status or 'New'}, job {self.job_status or '-'}"
-        if self.backoff_limit or self.failed:
+        if (self.backoff_limit or self.failed) and self.deployment_status != "ValidationFailed":
             text += f", {self.attempt_text()}"
         if self.suspend:
             text += ", suspended"
@@ -252,20 +258,36 @@ class RayJobClient:
         self._call(f"delete RayJob {name}", self.custom.delete_namespaced_custom_object,
                    GROUP, VERSION, self.namespace, PLURAL, name, propagation_policy="Foreground")
 
-    def create_config_map(self, body: dict) -> dict:
-        return self._call(f"create ConfigMap {body['metadata']['name']}", self.core.create_namespaced_config_map,
-                          self.namespace, body)
+    def _typed(self, obj: dict):
+        from kubernetes import client
 
-    def delete_config_map(self, name: str) -> None:
-        self._call(f"delete ConfigMap {name}", self.core.delete_namespaced_config_map, name, self.namespace)
+        kind, name = obj["kind"], obj["metadata"]["name"]
+        if kind == "ConfigMap":
+            api = self.core
+            return (api.create_namespaced_config_map, api.patch_namespaced_config_map,
+                    api.delete_namespaced_config_map, f"ConfigMap {name}")
+        if kind == "NetworkPolicy":
+            api = client.NetworkingV1Api(self.api)
+            return (api.create_namespaced_network_policy, api.patch_namespaced_network_policy,
+                    api.delete_namespaced_network_policy, f"NetworkPolicy {name}")
+        raise K8sError(f"{kind}/{name}: submit cannot create this kind")
 
-    def own_config_map(self, config_map: str, rayjob: dict) -> None:
+    def create_object(self, obj: dict) -> dict:
+        create, _, _, what = self._typed(obj)
+        return self._call(f"create {what}", create, self.namespace, obj)
+
+    def delete_object(self, obj: dict) -> None:
+        _, _, delete, what = self._typed(obj)
+        self._call(f"delete {what}", delete, obj["metadata"]["name"], self.namespace)
+
+    def own(self, obj: dict, rayjob: dict) -> None:
+        """Make the RayJob the owner of `obj`, so deleting the RayJob deletes it too."""
         owner = {"apiVersion": API_VERSION, "kind": "RayJob", "name": rayjob["metadata"]["name"],
                  "uid": rayjob["metadata"]["uid"], "blockOwnerDeletion": False}
-        # Explicit content type: for core objects the client defaults to JSON Patch, which needs a list body.
-        self._call(f"patch ConfigMap {config_map}", self.core.patch_namespaced_config_map,
-                   config_map, self.namespace, {"metadata": {"ownerReferences": [owner]}},
-                   _content_type=MERGE_PATCH)
+        _, patch, _, what = self._typed(obj)
+        # Explicit content type: for built-in objects the client defaults to JSON Patch, which needs a list body.
+        self._call(f"patch {what}", patch, obj["metadata"]["name"], self.namespace,
+                   {"metadata": {"ownerReferences": [owner]}}, _content_type=MERGE_PATCH)
 
     def submitter_pods(self, name: str) -> list:
         """Pods of the submitter Kubernetes Job, which KubeRay names after the RayJob; newest last."""
@@ -341,61 +363,98 @@ def rayjob_from_file(path: Path, name: str | None = None) -> tuple[dict, list[st
     return job, others
 
 
-def _container(name: str, image: str, cpu: str, memory: str, gpus: int, mounts: list) -> dict:
-    limits = {"cpu": cpu, "memory": memory}
-    if gpus:
-        limits["nvidia.com/gpu"] = str(gpus)
-    return {"name": name, "image": image, "imagePullPolicy": "IfNotPresent",
-            "resources": {"requests": dict(limits), "limits": limits}, "volumeMounts": mounts}
+CHART = Path(__file__).resolve().parents[1] / "charts" / "dolly-train"
+# Objects `submit --config` creates from the rendered chart, beside the RayJob (which then owns them).
+SUBMIT_KINDS = ("ConfigMap", "NetworkPolicy")
 
 
-def build_rayjob(name: str, cfg: config_mod.TrainConfig, image: str, *, pvc: str | None = None,
-                 mount_path: str = "/mnt/dolly", head_cpu: str = "1", head_memory: str = "4Gi",
-                 worker_memory: str = "8Gi") -> tuple[dict, dict]:
-    """A RayJob running `dolly-train train` on its own RayCluster (one worker pod per Ray Train worker) and the
-    ConfigMap holding its train.yaml, mounted at /etc/dolly-train in every pod."""
-    config_map = f"{name}-config"
-    mounts = [{"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True}]
-    volumes = [{"name": "config", "configMap": {"name": config_map}}]
-    if pvc:
-        mounts.append({"name": "shared", "mountPath": mount_path})
-        volumes.append({"name": "shared", "persistentVolumeClaim": {"claimName": pvc}})
+def helm_binary() -> str:
+    """helm: $DOLLY_TRAIN_HELM, else PATH, else the checkout's .tools/bin (`make tools`)."""
+    import os
+    import shutil
+
+    for candidate in (os.environ.get("DOLLY_TRAIN_HELM"), shutil.which("helm"), str(CHART.parents[1] / ".tools/bin/helm")):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    raise K8sError("submit --config renders the chart with `helm template`, but no helm binary was found: install "
+                   "Helm 3.8+ (or run `make tools`), or point $DOLLY_TRAIN_HELM at one")
+
+
+def split_image(image: str) -> tuple[str, str]:
+    """'registry:5000/org/img:tag' -> ('registry:5000/org/img', 'tag'); no tag -> the chart's appVersion."""
+    if "@" in image:
+        raise K8sError(f"--image {image!r}: give a tag, not a digest (the chart writes <repository>:<tag>)")
+    repo, sep, tag = image.rpartition(":")
+    if not sep or "/" in tag:
+        return image, ""
+    return repo, tag
+
+
+def chart_values(name: str, cfg: config_mod.TrainConfig, image: str, *, pvc: str, mount_path: str = "/mnt/dolly",
+                 head_cpu: str = "1", head_memory: str = "4Gi", worker_memory: str = "8Gi",
+                 worker_shm: str = "2Gi") -> dict:
+    """The chart values that say what `submit --config` asks for: one worker pod per Ray Train worker (one GPU
+    each when use_gpu), the model and data already on the claim (no staging Job), train.yaml from the config."""
+    repo, tag = split_image(image)
     s = cfg.scaling
-    # +1 CPU over the worker's reservation for the raylet and the data-loading threads.
-    worker = _container("ray-worker", image, str(s.cpus_per_worker + 1), worker_memory, int(s.use_gpu), mounts)
-    pod_spec = {"securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000}}
-    labels = {"app.kubernetes.io/name": "dolly-train", "app.kubernetes.io/instance": name,
-              "app.kubernetes.io/managed-by": "dolly-train-cli"}
-    rayjob = {
-        "apiVersion": API_VERSION, "kind": "RayJob",
-        "metadata": {"name": name, "labels": labels},
-        "spec": {
-            "entrypoint": f"dolly-train train --config {CONFIG_MOUNT}/train.yaml",
-            "submissionMode": "K8sJobMode",
-            "shutdownAfterJobFinishes": True,
-            "ttlSecondsAfterFinished": 600,
-            "rayClusterSpec": {
-                "rayVersion": RAY_VERSION,
-                "headGroupSpec": {
-                    # num-cpus 0: the driver and Ray Train's controller stay on the head, workers never do.
-                    "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-                    "template": {"metadata": {"labels": labels}, "spec": {
-                        **pod_spec, "volumes": volumes,
-                        "containers": [_container("ray-head", image, head_cpu, head_memory, 0, mounts)]}},
-                },
-                "workerGroupSpecs": [{
-                    "groupName": "gpu" if s.use_gpu else "cpu",
-                    "replicas": s.num_workers, "minReplicas": s.num_workers, "maxReplicas": s.num_workers,
-                    "rayStartParams": {},
-                    "template": {"metadata": {"labels": labels}, "spec": {
-                        **pod_spec, "volumes": volumes, "containers": [worker]}},
-                }],
-            },
-        },
+    worker_res = {"cpu": str(s.cpus_per_worker + 1), "memory": worker_memory}  # +1 CPU for the raylet and loaders
+    head_res = {"cpu": head_cpu, "memory": head_memory}
+    return {
+        "fullnameOverride": name,
+        "image": {"repository": repo, "tag": tag},
+        "serviceAccount": {"create": False},
+        "storage": {"mountPath": mount_path, "existingClaim": pvc},
+        "configMountPath": CONFIG_MOUNT,
+        "staging": {"enabled": False},
+        "head": {"resources": {"requests": head_res, "limits": dict(head_res)}, "shmSize": "1Gi"},
+        "worker": {"groupName": "gpu" if s.use_gpu else "cpu", "replicas": s.num_workers,
+                   "gpusPerPod": int(s.use_gpu), "resources": {"requests": worker_res, "limits": dict(worker_res)},
+                   "shmSize": worker_shm},
+        "train": cfg.to_dict(),
     }
-    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": config_map, "labels": labels},
-          "data": {"train.yaml": cfg.to_yaml()}}
-    return rayjob, cm
+
+
+def render_chart(name: str, namespace: str, values: dict, values_files: list[str] = (), chart: Path = CHART) -> list[dict]:
+    """`helm template` of the chart with `values`, then the user's values files on top (they win over the flags;
+    `train` comes only from --config). Returns the rendered objects."""
+    import subprocess
+    import tempfile
+
+    if not (Path(chart) / "Chart.yaml").is_file():
+        raise K8sError(f"--chart {chart}: no Helm chart there (Chart.yaml missing)")
+    for vf in values_files:
+        try:
+            user = yaml.safe_load(Path(vf).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise K8sError(f"--values {vf}: {e}") from e
+        if isinstance(user, dict) and "train" in user:
+            raise K8sError(f"--values {vf}: sets `train`, but with submit --config the training config comes from "
+                           "--config and its key=value overrides")
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="dolly-submit-") as f:
+        yaml.safe_dump(values, f, sort_keys=False)
+        f.flush()
+        cmd = [helm_binary(), "template", name, str(chart), "--namespace", namespace, "-f", f.name]
+        for vf in values_files:
+            cmd += ["-f", str(vf)]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if res.returncode != 0:
+        raise K8sError(f"helm template {chart} failed:\n{res.stderr.strip()}")
+    return [d for d in yaml.safe_load_all(res.stdout) if d]
+
+
+def submit_objects(objs: list[dict], chart: Path = CHART) -> tuple[dict, list[dict]]:
+    """The RayJob and the objects it needs (train.yaml ConfigMap, NetworkPolicy) out of a chart render."""
+    jobs = [o for o in objs if o.get("kind") == "RayJob"]
+    if len(jobs) != 1:
+        raise K8sError(f"the chart at {chart} rendered {len(jobs)} RayJobs (mode must be rayjob)")
+    others = [o for o in objs if o.get("kind") != "RayJob"]
+    extra = [f"{o['kind']}/{o['metadata']['name']}" for o in others if o.get("kind") not in SUBMIT_KINDS]
+    if extra:
+        raise K8sError(f"submit --config creates {', '.join(SUBMIT_KINDS)} and the RayJob, but the values also "
+                       f"render {', '.join(extra)}: use `helm install` for those (or turn them off in --values)")
+    for o in others:
+        o["metadata"].pop("namespace", None)
+    return jobs[0], others
 
 
 class _ManifestDumper(yaml.SafeDumper):
@@ -431,19 +490,29 @@ def cmd_submit(args) -> int:
     name = check_name(args.name)
     cfg = config_mod.load(args.config, args.overrides)
     check_pod_paths(cfg)
-    rayjob, cm = build_rayjob(name, cfg, args.image, pvc=args.pvc, mount_path=args.mount_path,
-                              worker_memory=args.worker_memory)
+    if not args.pvc:
+        raise K8sError("submit --config: --pvc is required: the chart mounts a shared PersistentVolumeClaim at "
+                       "--mount-path in every pod (e.g. the chart's <release>-data, or manifests/argocd/storage/pvc.yaml)")
+    values = chart_values(name, cfg, args.image, pvc=args.pvc, mount_path=args.mount_path,
+                          worker_memory=args.worker_memory)
+    rayjob, others = submit_objects(render_chart(name, args.namespace, values, args.values or [], Path(args.chart)),
+                                    Path(args.chart))
     if args.dry_run:
-        yaml.dump_all([cm, rayjob], sys.stdout, Dumper=_ManifestDumper, sort_keys=False)
+        yaml.dump_all([*others, rayjob], sys.stdout, Dumper=_ManifestDumper, sort_keys=False)
         return 0
     client = _client(args)
-    client.create_config_map(cm)
+    created_others = []
     try:
+        for obj in others:
+            client.create_object(obj)
+            created_others.append(obj)
         created = client.create(rayjob)
     except K8sError:
-        client.delete_config_map(cm["metadata"]["name"])  # nothing owns it yet: do not leave it behind
+        for obj in reversed(created_others):  # nothing owns them yet: do not leave them behind
+            client.delete_object(obj)
         raise
-    client.own_config_map(cm["metadata"]["name"], created)
+    for obj in others:
+        client.own(obj, created)
     return _print_created(created)
 
 
@@ -605,19 +674,25 @@ def _common(p: argparse.ArgumentParser, name: bool = True) -> None:
 def add_parser(sub) -> None:
     fmt = argparse.HelpFormatter
     p = sub.add_parser("submit", formatter_class=fmt, help="create a RayJob from a YAML file or a train config",
-                       description="Create a RayJob: the RayJob in --file (e.g. `helm template` output), or one "
-                                   "built from a train config (--config, a file or preset) and --image, with its "
-                                   "train.yaml in a ConfigMap the RayJob owns.")
+                       description="Create a RayJob: the RayJob in --file (e.g. `helm template` output), or the "
+                                   "chart's RayJob for a train config (--config, a file or preset) and --image: "
+                                   "`helm template` of --chart with values from the config and the flags (then "
+                                   "--values files), creating the RayJob and the ConfigMap (train.yaml) and "
+                                   "NetworkPolicy it renders, both owned by the RayJob.")
     _common(p, name=False)
     p.add_argument("--file", help="YAML file holding a ray.io/v1 RayJob (other documents are skipped)")
     p.add_argument("--config", help="train config file or preset (trainer/config.py schema)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (with --config)")
     p.add_argument("--image", help="image for head and workers (with --config)")
     p.add_argument("--name", help="RayJob name (required with --config; picks one RayJob from --file)")
-    p.add_argument("--pvc", help="PersistentVolumeClaim mounted at --mount-path in every pod")
+    p.add_argument("--pvc", help="existing PersistentVolumeClaim mounted at --mount-path in every pod (with --config)")
+    p.add_argument("--values", action="append", metavar="FILE",
+                   help="chart values file applied on top of the flags (repeatable; with --config), e.g. "
+                        "charts/dolly-train/values-gpu-8x.yaml without its train section")
+    p.add_argument("--chart", default=str(CHART), help="the dolly-train chart (default: %(default)s)")
     p.add_argument("--mount-path", default="/mnt/dolly", help="where --pvc is mounted (default: %(default)s)")
     p.add_argument("--worker-memory", default="8Gi", help="memory request and limit per worker pod (default: %(default)s)")
-    p.add_argument("--dry-run", action="store_true", help="print the ConfigMap and RayJob instead of creating them")
+    p.add_argument("--dry-run", action="store_true", help="print the objects instead of creating them")
     p.set_defaults(func=_guard(cmd_submit))
 
     p = sub.add_parser("status", formatter_class=fmt, help="show a RayJob's job and deployment status",
