@@ -113,8 +113,11 @@ class FakeKube:
         for pattern, resource in routes:
             m = re.fullmatch(pattern, parsed.path)
             if m:
-                if resource == "rayjobs" and method == "GET" and self.faults:
-                    fault = self.faults.pop(0)
+                watching = query.get("watch") == "true"
+                applicable = [f for f in self.faults if watching or f not in ("drop", "gone")]
+                if resource == "rayjobs" and method == "GET" and applicable:
+                    fault = applicable[0]
+                    self.faults.remove(fault)
                     if isinstance(fault, int):
                         return fault, _status(fault, "ServiceUnavailable" if fault == 503 else "InternalError",
                                               "the server is currently unable to handle the request")
@@ -640,3 +643,188 @@ def test_every_subcommand_has_help(capsys):
             cli.main([command, "--help"])
         assert exit_.value.code == 0
         assert "--kubeconfig" in capsys.readouterr().out
+
+
+# ---- KubeRay's real transitions, retries and API trouble through `dolly-train wait` --------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RAYJOB_TESTDATA = REPO_ROOT / "manifests" / "argocd" / "resource_customizations" / "ray.io" / "RayJob" / "testdata"
+
+
+def put_fixture_sequence(kube: FakeKube, name: str, fixtures: list[str]) -> None:
+    """A RayJob whose spec is the chart's (backoffLimit 1) and whose statuses are the health-check testdata, in the
+    order KubeRay v1.7.0 writes them (see the comments in those files)."""
+    objs = [yaml.safe_load((RAYJOB_TESTDATA / f"{f}.yaml").read_text()) for f in fixtures]
+    first = copy.deepcopy(objs[0])
+    first["metadata"] = {"name": name, "namespace": NS, "uid": str(uuid.uuid4()), "generation": 1,
+                         "resourceVersion": "100"}
+    first.pop("status", None)
+    kube.objects[("rayjobs", NS, name)] = first
+    kube.statuses[(NS, name)] = [o.get("status") or {} for o in objs]
+
+
+def test_wait_retrying_then_success_is_not_a_failure(api, kube, capsys):
+    """FAILED + Retrying, then a new attempt RUNNING, then SUCCEEDED + Complete: exit 0, each attempt named."""
+    from test_health_lua import RETRY_SEQUENCE
+
+    put_fixture_sequence(kube, "tiny", RETRY_SEQUENCE)
+    assert run(api, "wait", "tiny", "-n", NS, "--poll", "0.01", "--timeout", "30") == 0
+    out, err = capsys.readouterr()
+    assert "FAILED -" not in err and out.rstrip().endswith("tiny: SUCCEEDED")
+    seen = [s.strip() for s in re.findall(r"tiny: (deployment \S+, job \S+, [^:\[\n]+)", out)]
+    assert seen == [
+        "deployment New, job -, attempt 1/2", "deployment Initializing, job -, attempt 1/2",
+        "deployment Running, job -, attempt 1/2", "deployment Running, job PENDING, attempt 1/2",
+        "deployment Running, job RUNNING, attempt 1/2",
+        "deployment Running, job FAILED, attempt 1/2 failed, KubeRay will retry",
+        "deployment Retrying, job FAILED, attempt 1/2 failed, retrying on a new RayCluster (attempt 2/2)",
+        "deployment New, job -, attempt 2/2", "deployment Initializing, job -, attempt 2/2",
+        "deployment Running, job RUNNING, attempt 2/2", "deployment Complete, job SUCCEEDED, attempt 2/2"]
+    # The statuses arrived through the watch, not by re-reading: one GET, then watch events.
+    watches = [r for r in kube.requests if r["query"].get("watch") == "true"]
+    assert watches and watches[0]["query"]["fieldSelector"] == "metadata.name=tiny"
+
+
+def test_wait_fails_when_the_last_attempt_fails(api, kube, capsys):
+    put_fixture_sequence(kube, "tiny", ["retry-running", "last-attempt-job-failed", "failed"])
+    assert run(api, "wait", "tiny", "-n", NS, "--poll", "0.01", "--timeout", "30") == k8s.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "tiny: FAILED" in err and "attempt 2/2 failed, no retry left" in err
+
+
+def test_wait_survives_a_dropped_watch_and_an_expired_resource_version(api, kube, capsys):
+    from test_health_lua import RETRY_SEQUENCE
+
+    put_fixture_sequence(kube, "tiny", RETRY_SEQUENCE)
+    kube.faults = ["drop", "gone", "drop"]  # each for the next watch request
+    assert run(api, "wait", "tiny", "-n", NS, "--poll", "0.01", "--timeout", "30") == 0
+    out, err = capsys.readouterr()
+    assert "connection to" in err and "lost" in err  # the drop was seen as a transient error and retried
+    assert "deployment Retrying, job FAILED" in out and out.rstrip().endswith("tiny: SUCCEEDED")
+    watches = [r for r in kube.requests if r["query"].get("watch") == "true"]
+    assert len(watches) >= 3 and kube.faults == []
+    # Each resumed watch starts from the resourceVersion of a fresh read, never from the beginning.
+    assert all(int(w["query"]["resourceVersion"]) > 100 for w in watches)
+
+
+def test_wait_retries_transient_api_errors_with_backoff(api, kube, capsys):
+    put_rayjob(kube, "tiny", [rayjob_status("Running", "RUNNING"), rayjob_status("Complete", "SUCCEEDED", succeeded=1)])
+    kube.faults = [503, 500, 429]
+    start = time.monotonic()
+    assert run(api, "wait", "tiny", "-n", NS, "--poll", "0.05", "--timeout", "30") == 0
+    err = capsys.readouterr().err
+    assert err.count("API error, retrying in") == 3 and "ServiceUnavailable (503)" in err
+    delays = [float(d) for d in re.findall(r"retrying in ([0-9.]+) s", err)]
+    assert delays == sorted(delays) and delays[-1] > delays[0]  # backing off
+    assert time.monotonic() - start < 10
+
+
+def test_wait_exit_codes_tell_api_trouble_from_job_failure(api, kube, capsys, tmp_path, monkeypatch):
+    put_rayjob(kube, "tiny", [rayjob_status("Failed", "FAILED", reason="AppFailed", failed=1, message="boom")])
+    assert run(api, "wait", "tiny", "-n", NS, "--poll", "0.01", "--timeout", "5") == k8s.EXIT_FAILED == 1
+    # No such RayJob, rejected credentials, an unreachable server: 69, never the job-failed code.
+    assert run(api, "wait", "nope", "-n", NS, "--timeout", "5") == k8s.EXIT_API == 69
+    assert "NotFound (404)" in capsys.readouterr().err
+    start = time.monotonic()
+    assert run(api, "wait", "tiny", "-n", NS, "--context", "gone", "--poll", "0.05", "--timeout", "1.5") == 69
+    assert time.monotonic() - start < 15
+    assert "cannot reach the API server" in capsys.readouterr().err
+    bad = tmp_path / "stale"
+    bad.write_text(api.read_text().replace(TOKEN, "stale-token"))
+    assert run(bad, "wait", "tiny", "-n", NS, "--timeout", "5") == 69
+    assert "Unauthorized (401)" in capsys.readouterr().err
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    assert cli.main(["wait", "tiny", "--timeout", "5"]) == 69
+    assert "no Kubernetes credentials" in capsys.readouterr().err
+
+
+def test_wait_never_outlasts_its_timeout_on_a_hung_connection(api, kube, capsys):
+    put_rayjob(kube, "tiny", [rayjob_status("Running", "RUNNING")])
+    kube.faults, kube.hang_seconds = ["hang"], 20.0
+    start = time.monotonic()
+    code = run(api, "wait", "tiny", "-n", NS, "--poll", "0.05", "--timeout", "1")
+    assert time.monotonic() - start < 5, "a hung request outlasted --timeout"
+    assert code == k8s.EXIT_API  # the only read never answered: the API, not the job, is the problem
+    assert "timed out" in capsys.readouterr().err.lower()
+
+
+def test_wait_help_documents_the_exit_codes(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["wait", "--help"])
+    out = capsys.readouterr().out
+    for code in ("0", "1", "124", "69"):
+        assert re.search(rf"^\s+{code}\s+\S", out, re.M), code
+    assert "Retrying" in out
+
+
+# ---- one RayJob builder: submit --config sends the chart's RayJob ---------------------------------------------
+
+def test_submit_config_sends_the_same_rayjob_as_helm_template(api, kube, tmp_path, capsys, kuberay_crds):
+    """`submit --config` and `helm template` with the same settings give the same objects: the submitted RayJob
+    has the chart's container security context, /dev/shm, deadlines, backoffLimit, submitter template, GPU
+    tolerations, token auth and NetworkPolicy."""
+    from k8s_validate import tool, validate_objects, validate_pod_templates
+
+    chart = REPO_ROOT / "charts" / "dolly-train"
+    smoke = yaml.safe_load((chart / "values-cpu-smoke.yaml").read_text())
+    # The user's values for `helm install`: the smoke values, the model and data already on an existing claim.
+    user_values = {k: v for k, v in smoke.items() if k != "train"}
+    user_file = tmp_path / "user-values.yaml"
+    user_file.write_text(yaml.safe_dump(user_values))
+    install = tmp_path / "install-values.yaml"
+    install.write_text(yaml.safe_dump({"fullnameOverride": "dolly-smoke", "serviceAccount": {"create": False},
+                                       "storage": {"existingClaim": "shared-rwx"}, "staging": {"enabled": False}}))
+    res = subprocess.run([tool("helm"), "template", "dolly-smoke", str(chart), "-n", NS, "-f", str(chart / "values-cpu-smoke.yaml"),
+                          "-f", str(install)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    helm_objs = {o["kind"]: o for o in yaml.safe_load_all(res.stdout) if o}
+    train_file = tmp_path / "train.yaml"
+    train_file.write_text(helm_objs["ConfigMap"]["data"]["train.yaml"])
+
+    assert run(api, "submit", "-n", NS, "--config", str(train_file), "--image", "ghcr.io/dolly-train/cpu:0.1.0",
+               "--name", "dolly-smoke", "--pvc", "shared-rwx", "--values", str(user_file)) == 0
+    sent = {r["body"]["kind"]: r["body"] for r in kube.requests if r["method"] == "POST"}
+    assert set(sent) == {"ConfigMap", "NetworkPolicy", "RayJob"}
+    for kind, obj in sent.items():
+        assert obj["spec" if kind != "ConfigMap" else "data"] == helm_objs[kind]["spec" if kind != "ConfigMap" else "data"], kind
+        assert obj["metadata"]["labels"] == helm_objs[kind]["metadata"]["labels"], kind
+    spec = sent["RayJob"]["spec"]
+    assert spec["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    assert spec["backoffLimit"] >= 0 and spec["activeDeadlineSeconds"] and spec["preRunningDeadlineSeconds"]
+    assert spec["submitterPodTemplate"]["spec"]["containers"][0]["securityContext"]["allowPrivilegeEscalation"] is False
+    for _, tmpl in kv_pod_templates(sent["RayJob"]):
+        for c in tmpl["spec"]["containers"]:
+            assert c["securityContext"]["runAsNonRoot"] is True and c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    worker = spec["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert any(v.get("emptyDir", {}).get("medium") == "Memory" for v in worker["volumes"])
+    assert validate_objects(list(sent.values()), kuberay_crds) + validate_pod_templates(sent["RayJob"]) == []
+    # Every created object is owned by the RayJob.
+    uid = kube.objects[("rayjobs", NS, "dolly-smoke")]["metadata"]["uid"]
+    for resource, name in (("configmaps", "dolly-smoke-config"), ("networkpolicies", "dolly-smoke-ray")):
+        assert kube.objects[(resource, NS, name)]["metadata"]["ownerReferences"][0]["uid"] == uid
+
+    # A GPU config gets the chart's GPU tolerations and one GPU per worker pod.
+    capsys.readouterr()
+    assert run(api, "submit", "--config", "mistral-7b-zero3", "--image", "ghcr.io/dolly-train/trainer:0.1.0",
+               "--name", "big", "--pvc", "shared-rwx", "--dry-run", "model.path=/mnt/dolly/models/m",
+               "data.path=/mnt/dolly/data/d", "checkpoint.storage_path=/mnt/dolly/runs") == 0
+    (big,) = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d["kind"] == "RayJob"]
+    g = big["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert g["replicas"] == 8 and g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in g["template"]["spec"]["tolerations"]
+
+
+def kv_pod_templates(obj):
+    from k8s_validate import pod_templates
+
+    return pod_templates(obj)
+
+
+def test_submit_values_may_not_set_train(api, kube, tmp_path, capsys):
+    vf = tmp_path / "v.yaml"
+    vf.write_text("train: {seed: 1}\n")
+    assert run(api, "submit", "--config", "cpu-tiny", "--image", "i:1", "--name", "t", "--pvc", "p", "--values", str(vf),
+               "model.path=/m", "data.path=/d", "checkpoint.storage_path=/r") == 1
+    assert "sets `train`" in capsys.readouterr().err and kube.requests == []

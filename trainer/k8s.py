@@ -78,6 +78,9 @@ def api_client(kubeconfig: str | None = None, context: str | None = None):
             config.load_incluster_config(client_configuration=cfg)
         except config.ConfigException as e2:
             raise K8sError(f"no Kubernetes credentials: no kubeconfig ({e}) and not inside a pod ({e2})") from e2
+    # No hidden urllib3 retries (3 by default, each with the full read timeout): a hung call fails after its
+    # request timeout, and `wait` decides about retrying within its own deadline.
+    cfg.retries = False
     return client.ApiClient(cfg)
 
 
