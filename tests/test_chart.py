@@ -515,10 +515,19 @@ def test_eval_job_policy(path, helm):
     assert claim == pvc["metadata"]["name"]
     assert cm["data"]["RUN_NAME"] in cm["data"]["MODEL_DIR"]
     if "cpu" not in path.name:
-        (c,) = spec["containers"]
-        assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
-        assert c["command"][:2] == ["dolly-eval", "run"] and "$(MOUNT)/runs/$(RUN_NAME)/eval/tuned" in c["command"]
+        # Base and fine-tuned on the same split and sampling (one config), then `dolly-eval compare`.
+        base, tuned = spec["initContainers"]
+        (compare,) = spec["containers"]
+        for c, which, model in ((base, "base", "$(BASE_MODEL_DIR)"), (tuned, "tuned", "$(MODEL_DIR)")):
+            assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+            assert c["command"][:2] == ["dolly-eval", "run"] and f"$(MOUNT)/runs/$(RUN_NAME)/eval/{which}" in c["command"]
+            assert c["command"][c["command"].index("--model") + 1] == model
+        assert base["command"][base["command"].index("--config") + 1] == tuned["command"][tuned["command"].index("--config") + 1]
+        assert compare["command"] == ["dolly-eval", "compare", "$(MOUNT)/runs/$(RUN_NAME)/eval/base",
+                                      "$(MOUNT)/runs/$(RUN_NAME)/eval/tuned", "--out", "$(MOUNT)/runs/$(RUN_NAME)/eval/compare"]
+        assert "nvidia.com/gpu" not in compare["resources"]["limits"]
         assert cm["data"]["RUN_NAME"] == train_yaml(chart_objs)["checkpoint"]["run_name"]
+        assert cm["data"]["BASE_MODEL_DIR"] == train_yaml(chart_objs)["model"]["path"]
     else:
         assert [c["command"][1] for c in containers(job["spec"]["template"])] == ["run", "run", "compare"]
         smoke = train_yaml(render(helm, "values-cpu-smoke.yaml"))
