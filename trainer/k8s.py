@@ -20,8 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -373,10 +377,8 @@ SUBMIT_KINDS = ("ConfigMap", "NetworkPolicy")
 
 def helm_binary() -> str:
     """helm: $DOLLY_TRAIN_HELM, else PATH, else the checkout's .tools/bin (`make tools`)."""
-    import os
-    import shutil
-
-    for candidate in (os.environ.get("DOLLY_TRAIN_HELM"), shutil.which("helm"), str(CHART.parents[1] / ".tools/bin/helm")):
+    local = CHART.parents[1] / ".tools" / "bin" / "helm"
+    for candidate in (os.environ.get("DOLLY_TRAIN_HELM"), shutil.which("helm"), str(local)):
         if candidate and Path(candidate).is_file():
             return candidate
     raise K8sError("submit --config renders the chart with `helm template`, but no helm binary was found: install "
@@ -420,9 +422,6 @@ def chart_values(name: str, cfg: config_mod.TrainConfig, image: str, *, pvc: str
 def render_chart(name: str, namespace: str, values: dict, values_files: list[str] = (), chart: Path = CHART) -> list[dict]:
     """`helm template` of the chart with `values`, then the user's values files on top (they win over the flags;
     `train` comes only from --config). Returns the rendered objects."""
-    import subprocess
-    import tempfile
-
     if not (Path(chart) / "Chart.yaml").is_file():
         raise K8sError(f"--chart {chart}: no Helm chart there (Chart.yaml missing)")
     for vf in values_files:
