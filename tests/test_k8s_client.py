@@ -301,7 +301,7 @@ def run(kubeconfig: Path, *argv: str) -> int:
 
 def rayjob_status(dep: str, job: str | None = None, **extra) -> dict:
     st = {"jobDeploymentStatus": dep, "rayClusterName": "tiny-raycluster-x7k2p", "jobId": "tiny-hq8d2",
-          "startTime": "2026-11-29T06:00:02Z", "observedGeneration": 1, "failed": 0, "succeeded": 0}
+          "startTime": "2026-11-29T06:00:02Z", "failed": 0, "succeeded": 0}  # as KubeRay v1.7.0 writes it
     if job:
         st["jobStatus"] = job
     st.update(extra)
