@@ -1,6 +1,6 @@
 """GitOps manifests (manifests/argocd): the Argo CD objects against Argo CD's own CRDs (../shared/crds/argo-cd),
-the argocd-cm that kustomize generates from the health.lua files, sync-wave order from the KubeRay operator
-to the eval PostSync hook, and what the dolly-train Application renders with its values file (helm template,
+the argocd-cm that kustomize generates from the health.lua files (and nothing else: no Argo CD-wide setting), the
+KubeRay CRDs that no prune or delete can remove, sync-wave order from the CRDs to the eval Job, and what the dolly-train Application renders with its values file (helm template,
 validated against Kubernetes and KubeRay v1.7.0 schemas)."""
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ def test_validation_catches_a_misspelled_field(argo_crds):
 
 def test_sync_waves_operator_then_volume_then_dolly_train():
     a = apps()
-    assert set(a) == {"dolly-train-root", "kuberay-operator", "dolly-train-storage", "dolly-train"}
-    assert wave(a["kuberay-operator"]) < wave(a["dolly-train-storage"]) < wave(a["dolly-train"])
+    assert set(a) == {"dolly-train-root", "kuberay-crds", "kuberay-operator", "dolly-train-storage", "dolly-train"}
+    assert wave(a["kuberay-crds"]) < wave(a["kuberay-operator"]) < wave(a["dolly-train-storage"]) < wave(a["dolly-train"])
     root = a["dolly-train-root"]["spec"]["source"]
     assert root["path"] == "manifests/argocd/apps" and (REPO / root["path"]).is_dir()
 
@@ -81,10 +81,55 @@ def test_kuberay_operator_application():
         "https://ray-project.github.io/kuberay-helm/", "kuberay-operator", KUBERAY_VERSION)
     opts = app["spec"]["syncPolicy"]["syncOptions"]
     assert "ServerSideApply=true" in opts
-    # Pruning the operator app would delete the CRDs and every RayJob with them.
     assert app["spec"]["syncPolicy"]["automated"]["prune"] is False
+    # The CRDs are not this Application's: deleting it (its finalizer cascades) must leave every RayJob alone.
+    assert src["helm"]["skipCrds"] is True
     gates = {g["name"]: g["enabled"] for g in src["helm"]["valuesObject"]["featureGates"]}
     assert gates["RayClusterStatusConditions"] is True  # the RayCluster health check reads status.conditions
+
+
+def test_kuberay_crds_are_never_pruned_or_deleted_by_argo_cd():
+    """Removing an app file (the root app prunes) or deleting an Application must not delete the CRDs, which would
+    delete every RayJob and RayCluster in the cluster: they come from their own Application, without a cascading
+    finalizer, each CRD annotated Prune=false,Delete=false."""
+    a = apps()
+    crds = a["kuberay-crds"]
+    src = crds["spec"]["source"]
+    assert (src["repoURL"], src["targetRevision"], src["path"]) == (
+        "https://github.com/ray-project/kuberay", f"v{KUBERAY_VERSION}", "ray-operator/config/crd")
+    options = src["kustomize"]["commonAnnotations"]["argocd.argoproj.io/sync-options"]
+    assert set(options.split(",")) == {"Prune=false", "Delete=false"}
+    assert "resources-finalizer.argocd.argoproj.io" not in (crds["metadata"].get("finalizers") or [])
+    assert crds["spec"]["syncPolicy"]["automated"]["prune"] is False
+    assert "ServerSideApply=true" in crds["spec"]["syncPolicy"]["syncOptions"]
+    # The operator's chart version and the CRDs' tag move together.
+    assert a["kuberay-operator"]["spec"]["source"]["targetRevision"] == KUBERAY_VERSION
+    project = next(d for _, d in argo_objects() if d["kind"] == "AppProject")
+    assert src["repoURL"] in project["spec"]["sourceRepos"]
+    # Every Application that can cascade a delete holds no CRD: only kuberay-crds renders CRDs.
+    for name, app in a.items():
+        if name != "kuberay-crds" and "resources-finalizer.argocd.argoproj.io" in (app["metadata"].get("finalizers") or []):
+            assert all("crd" not in (s.get("path") or "") for s in sources(app)), name
+            assert all((s.get("helm") or {}).get("skipCrds", True) for s in sources(app) if s.get("chart")), name
+
+
+def test_a_sync_does_not_rerun_a_finished_training_or_eval():
+    """Self-heal and every later sync apply the same objects again: the finished RayJob must stay (KubeRay never
+    restarts a Complete/Failed RayJob), and the eval must not be a hook (hooks are re-created on every sync) nor a
+    Job that deletes itself (a sync would re-create it)."""
+    app = apps()["dolly-train"]
+    chart = next(s for s in sources(app) if s.get("path") == "charts/dolly-train")
+    objs = _render_dolly_train(chart, app)
+    (rayjob,) = [o for o in objs if o["kind"] == "RayJob"]
+    assert rayjob["spec"]["shutdownAfterJobFinishes"] is True and "deletionStrategy" not in rayjob["spec"]
+    evals = next(s for s in sources(app) if s.get("directory"))
+    (path,) = [REPO / evals["path"] / evals["directory"]["include"]]
+    job = next(d for d in _docs(path) if d["kind"] == "Job")
+    ann = job["metadata"].get("annotations") or {}
+    assert "argocd.argoproj.io/hook" not in ann and "helm.sh/hook" not in ann
+    assert int(ann["argocd.argoproj.io/sync-wave"]) > wave(rayjob)
+    assert "ttlSecondsAfterFinished" not in job["spec"]
+    assert job["spec"]["backoffLimit"] <= 1
 
 
 def test_kuberay_crds_are_too_big_for_client_side_apply(shared_dir):
@@ -144,27 +189,36 @@ def test_argocd_cm_is_generated_from_the_lua_files():
     assert {"resource.customizations.health.ray.io_RayJob", "resource.customizations.health.ray.io_RayCluster"} <= set(lua)
     health = {k: v for k, v in cm["data"].items() if k.startswith("resource.customizations.health.")}
     assert health == lua
-    assert cm["data"]["kustomize.buildOptions"] == "--load-restrictor LoadRestrictionsNone"
+    # Only health checks: no Argo CD-wide setting (e.g. kustomize.buildOptions with a loosened load restrictor)
+    # changes for the other applications on that Argo CD.
+    assert set(cm["data"]) == set(health)
     assert {(o["kind"], o["metadata"]["name"]) for o in objs} == {
         ("ConfigMap", "argocd-cm"), ("AppProject", "dolly-train"), ("Application", "dolly-train-root")}
 
 
-def test_eval_job_is_a_postsync_hook_on_the_shared_volume():
-    res = subprocess.run([tool("kubectl"), "kustomize", "--load-restrictor", "LoadRestrictionsNone",
-                          str(ARGO / "eval-hook")], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    objs = [d for d in yaml.safe_load_all(res.stdout) if d]
+def test_every_kustomization_builds_with_the_default_load_restrictor():
+    """What Argo CD builds with its defaults must build here with kubectl's (LoadRestrictionsRootOnly)."""
+    for k in sorted(ARGO.rglob("kustomization.yaml")):
+        res = subprocess.run([tool("kubectl"), "kustomize", str(k.parent)], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, f"{k}: {res.stderr}"
+
+
+def test_eval_job_runs_after_the_rayjob_on_the_shared_volume():
+    app = apps()["dolly-train"]
+    evals = next(s for s in sources(app) if s.get("directory"))
+    assert evals["repoURL"] == REPO_URL and (REPO / evals["path"] / evals["directory"]["include"]).is_file()
+    objs = _docs(REPO / evals["path"] / evals["directory"]["include"])
     job = next(o for o in objs if o["kind"] == "Job")
-    ann = job["metadata"]["annotations"]
-    assert ann["argocd.argoproj.io/hook"] == "PostSync"
-    assert ann["argocd.argoproj.io/hook-delete-policy"] == "BeforeHookCreation"
+    assert wave(job) > 0 == wave(next(o for o in objs if o["kind"] == "ConfigMap"))
     claims = {v["persistentVolumeClaim"]["claimName"] for v in job["spec"]["template"]["spec"]["volumes"]
               if "persistentVolumeClaim" in v}
     pvc = _docs(ARGO / "storage" / "pvc.yaml")[0]
     assert claims == {pvc["metadata"]["name"]}
-    assert all(o["metadata"]["namespace"] == "dolly-train" for o in objs)
-    # Everything else in the eval manifest stays a normal (Sync-phase) object.
-    assert all("argocd.argoproj.io/hook" not in (o["metadata"].get("annotations") or {}) for o in objs if o is not job)
+    # No namespace in the file: Argo CD puts it into the Application's destination, where the claim is.
+    assert all("namespace" not in o["metadata"] for o in objs) and pvc["metadata"]["namespace"] == app["spec"]["destination"]["namespace"]
+    # Base and fine-tuned, then the comparison.
+    spec = job["spec"]["template"]["spec"]
+    assert [c["command"][1] for c in spec["initContainers"] + spec["containers"]] == ["run", "run", "compare"]
 
 
 def test_storage_pvc_survives_pruning_and_validates():
@@ -179,17 +233,18 @@ def test_chart_under_argo_values_orders_staging_config_rayjob(kuberay_crds):
     the ConfigMap precedes the RayJob by sync wave, and every object is valid."""
     app = apps()["dolly-train"]
     chart = next(s for s in sources(app) if s.get("path") == "charts/dolly-train")
-    args = [tool("helm"), "template", chart["helm"]["releaseName"], str(REPO / chart["path"]),
-            "--namespace", app["spec"]["destination"]["namespace"], "--kube-version", "1.33.0"]
-    for vf in chart["helm"]["valueFiles"]:
-        args += ["-f", str(REPO / vf.replace("$values/", "")) if vf.startswith("$") else str(REPO / chart["path"] / vf)]
-    res = subprocess.run(args, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    objs = [d for d in yaml.safe_load_all(res.stdout) if d]
+    objs = _render_dolly_train(chart, app)
     kinds = {o["kind"]: o for o in objs}
     assert "PersistentVolumeClaim" not in kinds
     staging = next(o for o in objs if o["kind"] == "Job")
     assert "pre-install" in staging["metadata"]["annotations"]["helm.sh/hook"]
+    # The gated model's token reaches the staging Job (the values file names the Secret).
+    env = {e["name"]: e for e in staging["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hf-token"
+    # Token auth and the NetworkPolicy stay on under GitOps.
+    assert kinds["RayJob"]["spec"]["rayClusterSpec"]["authOptions"]["mode"] == "token"
+    assert kinds["NetworkPolicy"]["spec"]["ingress"][1]["from"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": apps()["kuberay-operator"]["spec"]["destination"]["namespace"]}
     rayjob, cm = kinds["RayJob"], kinds["ConfigMap"]
     assert wave(cm) < wave(rayjob)
     claims = {v["persistentVolumeClaim"]["claimName"] for _, t in [("", rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"])]
@@ -199,3 +254,14 @@ def test_chart_under_argo_values_orders_staging_config_rayjob(kuberay_crds):
     errors = validate_objects(objs, kuberay_crds, k8s_version="1.33")
     errors += [e for o in objs if o["kind"] == "RayJob" for e in validate_pod_templates(o, "1.33")]
     assert errors == []
+
+
+def _render_dolly_train(chart: dict, app: dict) -> list[dict]:
+    """`helm template` of the chart the way the dolly-train Application renders it (its value files)."""
+    args = [tool("helm"), "template", chart["helm"]["releaseName"], str(REPO / chart["path"]),
+            "--namespace", app["spec"]["destination"]["namespace"], "--kube-version", "1.33.0"]
+    for vf in chart["helm"]["valueFiles"]:
+        args += ["-f", str(REPO / vf.replace("$values/", "")) if vf.startswith("$") else str(REPO / chart["path"] / vf)]
+    res = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return [d for d in yaml.safe_load_all(res.stdout) if d]

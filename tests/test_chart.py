@@ -46,6 +46,12 @@ MATRIX = [
     ("hf-token-and-pull-secret", "values-gpu-8x.yaml", ["--set", "imagePullSecrets[0].name=ghcr-pull",
                                                         "--set", "priorityClassName=training"]),
     ("smoke-raycluster", "values-cpu-smoke.yaml", ["--set", "mode=raycluster"]),
+    ("auth-secret-and-dashboard-peers", "values.yaml", [
+        "--set", "rayAuth.secretName=ray-token",
+        "--set-json", 'networkPolicy.dashboardFrom=[{"namespaceSelector":{"matchLabels":'
+                      '{"kubernetes.io/metadata.name":"ml-users"}},"podSelector":{"matchLabels":{"role":"ray-client"}}}]']),
+    ("auth-and-network-policy-off", "values.yaml", ["--set", "rayAuth.enabled=false",
+                                                    "--set", "networkPolicy.enabled=false"]),
 ]
 
 
@@ -268,6 +274,9 @@ CROSS_FIELD = [
     ("deletion-strategy-and-shutdown", ["--set-json", 'rayJob.deletionStrategy={"onSuccess":{"policy":"DeleteCluster"},'
                                                       '"onFailure":{"policy":"DeleteNone"}}'], "rayJob.deletionStrategy"),
     ("staging-with-hub-model-id", ["--set", "train.model.path=mistralai/Mistral-7B-Instruct-v0.3"], "train.model.path"),
+    # A gated hub model without a token: say which Secret to create, at render time, not a 401 in the staging pod.
+    ("gated-model-without-token", ["--set", "staging.hfTokenSecret.name="],
+     "kubectl create secret generic hf-token --from-literal=token=hf_"),
 ]
 
 
@@ -506,12 +515,89 @@ def test_eval_job_policy(path, helm):
     assert claim == pvc["metadata"]["name"]
     assert cm["data"]["RUN_NAME"] in cm["data"]["MODEL_DIR"]
     if "cpu" not in path.name:
-        (c,) = spec["containers"]
-        assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
-        assert c["command"][:2] == ["dolly-eval", "run"] and "$(MOUNT)/runs/$(RUN_NAME)/eval/tuned" in c["command"]
+        # Base and fine-tuned on the same split and sampling (one config), then `dolly-eval compare`.
+        base, tuned = spec["initContainers"]
+        (compare,) = spec["containers"]
+        for c, which, model in ((base, "base", "$(BASE_MODEL_DIR)"), (tuned, "tuned", "$(MODEL_DIR)")):
+            assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+            assert c["command"][:2] == ["dolly-eval", "run"] and f"$(MOUNT)/runs/$(RUN_NAME)/eval/{which}" in c["command"]
+            assert c["command"][c["command"].index("--model") + 1] == model
+        assert base["command"][base["command"].index("--config") + 1] == tuned["command"][tuned["command"].index("--config") + 1]
+        assert compare["command"] == ["dolly-eval", "compare", "$(MOUNT)/runs/$(RUN_NAME)/eval/base",
+                                      "$(MOUNT)/runs/$(RUN_NAME)/eval/tuned", "--out", "$(MOUNT)/runs/$(RUN_NAME)/eval/compare"]
+        assert "nvidia.com/gpu" not in compare["resources"]["limits"]
         assert cm["data"]["RUN_NAME"] == train_yaml(chart_objs)["checkpoint"]["run_name"]
+        assert cm["data"]["BASE_MODEL_DIR"] == train_yaml(chart_objs)["model"]["path"]
     else:
         assert [c["command"][1] for c in containers(job["spec"]["template"])] == ["run", "run", "compare"]
         smoke = train_yaml(render(helm, "values-cpu-smoke.yaml"))
         assert cm["data"]["RUN_NAME"] == smoke["checkpoint"]["run_name"]
         assert cm["data"]["BASE_MODEL_DIR"] == smoke["model"]["path"]
+
+
+# ---- security: Ray token auth and the NetworkPolicy (docs/chart.md, "Security model") -----------------------
+
+def _matches(selector: dict, labels: dict) -> bool:
+    """A LabelSelector (matchLabels + matchExpressions In/NotIn/Exists) against a label set."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for e in selector.get("matchExpressions") or []:
+        value, op = labels.get(e["key"]), e["operator"]
+        if (op == "In" and value not in e["values"]) or (op == "NotIn" and value in e["values"]) or \
+                (op == "Exists" and e["key"] not in labels) or (op == "DoesNotExist" and e["key"] in labels):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("case_id", [c[0] for c in CASES])
+def test_ray_token_auth_and_network_policy_guard_the_head(rendered, case_id):
+    """On unless a value turns them off: KubeRay's token auth on the cluster, and a NetworkPolicy letting only the
+    release's own Ray pods (head, workers, submitter) reach the head's ports, the operator and the named peers 8265."""
+    objs = rendered[case_id]
+    off = case_id == "auth-and-network-policy-off"
+    for o in objs:
+        if o["kind"] not in RAY_KINDS:
+            continue
+        cluster = o["spec"]["rayClusterSpec"] if o["kind"] == "RayJob" else o["spec"]
+        assert ("authOptions" not in cluster) if off else cluster["authOptions"]["mode"] == "token", case_id
+        for _, tmpl in kv.pod_templates(o):  # the token only ever by reference: KubeRay injects the env
+            for c in containers(tmpl):
+                assert not any(e["name"].startswith("RAY_AUTH") for e in c.get("env", [])), c["name"]
+    policies = by_kind(objs, "NetworkPolicy")
+    if off:
+        assert policies == []
+        return
+    (np,) = policies
+    assert np["spec"]["policyTypes"] == ["Ingress"]
+    pods = [(w, t) for o in objs if o["kind"] in RAY_KINDS for w, t in kv.pod_templates(o)]
+    guarded = [w for w, t in pods if _matches(np["spec"]["podSelector"], t["metadata"]["labels"])]
+    assert guarded == [w for w, _ in pods if w != "spec.submitterPodTemplate"]  # head + every worker group
+    own, operator, *peers = np["spec"]["ingress"]
+    assert "ports" not in own  # every Ray port (GCS, dashboard, client, raylet, object manager, workers)
+    assert all(any(_matches(p["podSelector"], t["metadata"]["labels"]) for p in own["from"]) for _, t in pods)
+    assert all("namespaceSelector" not in p and "ipBlock" not in p for p in own["from"])  # this namespace only
+    other_release = {"app.kubernetes.io/name": "dolly-train", "app.kubernetes.io/instance": "other",
+                     "app.kubernetes.io/component": "ray-worker"}
+    assert not any(_matches(p["podSelector"], other_release) for p in own["from"])
+    assert operator["ports"] == [{"port": 8265, "protocol": "TCP"}]
+    assert operator["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "kuberay-system"}
+    if case_id == "auth-secret-and-dashboard-peers":
+        (peer,) = peers
+        assert peer["ports"] == [{"port": 8265, "protocol": "TCP"}]
+        assert peer["from"][0]["podSelector"]["matchLabels"] == {"role": "ray-client"}
+        (rj,) = by_kind(objs, "RayJob")
+        assert rj["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token", "secretName": "ray-token"}
+    else:
+        assert peers == []
+
+
+def test_hf_token_only_where_the_hub_is_used(rendered, helm):
+    (job,) = by_kind(rendered["values.yaml"], "Job")
+    env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
+    (smoke,) = by_kind(rendered["values-cpu-smoke.yaml"], "Job")  # tiny model + synthetic data: no Secret needed
+    assert "HF_TOKEN" not in {e["name"] for e in smoke["spec"]["template"]["spec"]["containers"][0]["env"]}
+    public = render(helm, "values.yaml", ["--set", "staging.hfTokenSecret.name=", "--set", "staging.model.gated=false",
+                                          "--set", "staging.model.repoId=TinyLlama/TinyLlama-1.1B-Chat-v1.0"])
+    (job,) = by_kind(public, "Job")
+    assert "HF_TOKEN" not in {e["name"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}

@@ -3,9 +3,11 @@
     render (values-cpu-smoke.yaml, the volume and config mount moved into a tmp dir)
     -> the ConfigMap's files written where the pods mount them
     -> the staging Job's exact command (init-tiny-model + prepare --source synthetic)
-    -> a local Ray head (`ray start --head --num-cpus 2`) standing in for the RayCluster
+    -> a local Ray head (`ray start --head --num-cpus 2`) standing in for the RayCluster, with the token auth the
+       RayCluster spec asks for (authOptions: KubeRay injects RAY_AUTH_MODE=token and RAY_AUTH_TOKEN)
+    -> a `ray job submit` without the token, refused
     -> the RayJob's exact entrypoint through `ray job submit --address http://127.0.0.1:<dashboard> -- ...`
-       (what KubeRay's submitter pod runs)
+       with the token (what KubeRay's submitter pod runs)
     -> a checkpoint and an exported model under <mount>/runs/<run>/
     -> the CPU eval Job's exact commands (eval base, eval tuned, compare) -> the report.
 
@@ -78,9 +80,23 @@ def base_env(extra: dict[str, str]) -> dict[str, str]:
     env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '')}"  # `dolly-train`, `dolly-eval`, `ray` as in the images
     env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"})
     # Ray 2.60 turns token auth on for `ray start` when ~/.ray/auth_token exists (any local ray.init() writes
-    # one) but not for the `ray job` client. A pod has no such file, so pin the pods' mode: off.
-    env["RAY_AUTH_MODE"] = "disabled"
+    # one) but not for the `ray job` client. A pod has no such file: its mode is what KubeRay injects (token, with
+    # authOptions) or off. `extra` carries the injected RAY_AUTH_MODE/RAY_AUTH_TOKEN when the chart asks for auth.
+    if "RAY_AUTH_MODE" not in extra:
+        env["RAY_AUTH_MODE"] = "disabled"
+        env.pop("RAY_AUTH_TOKEN", None)
     return env
+
+
+def kuberay_auth_env(rayjob: dict, token: str) -> dict[str, str]:
+    """The env KubeRay v1.7.0 adds to the head, worker and submitter containers for `authOptions.mode: token`
+    (ray-operator/controllers/ray/common/pod.go, SetContainerTokenAuthEnvVars: RAY_AUTH_MODE=token, RAY_AUTH_TOKEN
+    from the Secret's auth_token; the Secret, unless authOptions.secretName names one, holds a random token that
+    raycluster_controller.go's createAuthSecret generates: 32 random bytes, base64)."""
+    auth = rayjob["spec"]["rayClusterSpec"].get("authOptions") or {}
+    if auth.get("mode") != "token":
+        return {}
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
 
 
 @pytest.fixture
@@ -152,13 +168,32 @@ def test_cpu_smoke_chart_runs_end_to_end(helm, ray_head, tmp_path):
     run_logged(sc["command"] + sc["args"], base_env(container_env(sc)), tmp_path, 120, tmp_path / "staging2.log")
     assert "model already at" in (tmp_path / "staging2.log").read_text()
 
-    # The RayCluster's head, with the head container's env; then the submitter's `ray job submit -- <entrypoint>`.
-    address = ray_head(base_env(container_env(head)))
+    # The RayCluster's head, with the head container's env plus what KubeRay injects for token auth; then the
+    # submitter's `ray job submit -- <entrypoint>`, with the same injected env.
+    import base64
+    import secrets
+
+    token = base64.b64encode(secrets.token_bytes(32)).decode()
+    auth = kuberay_auth_env(rayjob, token)
+    assert auth, "the chart's RayJob must turn Ray token auth on (rayAuth.enabled)"
+    address = ray_head(base_env({**container_env(head), **auth}))
+    # Anyone else (a pod without the token: no env, no ~/.ray/auth_token) is refused by the job API.
+    home = tmp_path / "home-without-token"
+    home.mkdir()
+    intruder = base_env({"HOME": str(home)})
+    refused = subprocess.run([str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--", "echo", "pwned"],
+                             env=intruder, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "pwned" not in refused.stdout, refused.stdout + refused.stderr
+    assert "Authentication" in refused.stdout + refused.stderr or "Unauthorized" in refused.stdout + refused.stderr
+    wrong = subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", address],
+                           env={**intruder, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-token"},
+                           capture_output=True, text=True, timeout=120)
+    assert wrong.returncode != 0 and "Invalid authentication token" in wrong.stdout + wrong.stderr
     entrypoint = rayjob["spec"]["entrypoint"]
     assert entrypoint == f"dolly-train train --config {config_dir}/train.yaml"
     submit = [str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--submission-id", "dolly-contract",
               "--", *shlex.split(entrypoint)]
-    run_logged(submit, base_env({}), tmp_path, 600, tmp_path / "train.log")
+    run_logged(submit, base_env(auth), tmp_path, 600, tmp_path / "train.log")
     assert "Job 'dolly-contract' succeeded" in (tmp_path / "train.log").read_text()
     checkpoints = sorted(run_dir.glob("checkpoint_*"))
     assert checkpoints, f"no checkpoint under {run_dir}: {sorted(p.name for p in run_dir.iterdir())}"

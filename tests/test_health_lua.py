@@ -92,3 +92,38 @@ def test_cli_wait_outcome_agrees_with_the_rayjob_health_check():
         obj = yaml.safe_load(path.read_text())
         status = run_health(rayjob, obj)["status"]
         assert RayJobState.from_object(obj).outcome == expected[status], f"{path.name}: Argo CD says {status}"
+
+
+# The transitions KubeRay v1.7.0 writes for a RayJob whose first attempt fails and whose retry succeeds
+# (backoffLimit 1), in order: every one but the last is Progressing, none Degraded (a sync must not fail while
+# KubeRay retries). tests/test_k8s_client.py replays the same files through `dolly-train wait`.
+RETRY_SEQUENCE = ["new", "initializing", "running-not-submitted", "pending", "running", "attempt-failed-will-retry",
+                  "retrying", "retry-new", "retry-initializing", "retry-running", "retry-succeeded"]
+
+
+def test_a_retried_rayjob_is_progressing_until_it_succeeds():
+    rayjob = ROOT / "ray.io" / "RayJob"
+    objs = [yaml.safe_load((rayjob / "testdata" / f"{n}.yaml").read_text()) for n in RETRY_SEQUENCE]
+    statuses = [run_health(rayjob, o)["status"] for o in objs]
+    assert statuses == ["Progressing"] * (len(objs) - 1) + ["Healthy"], dict(zip(RETRY_SEQUENCE, statuses))
+    retrying = objs[RETRY_SEQUENCE.index("retrying")]["status"]
+    assert (retrying["jobDeploymentStatus"], retrying["jobStatus"], retrying["failed"]) == ("Retrying", "FAILED", 1)
+    assert "endTime" not in retrying  # Retrying is not terminal (updateRayJobStatus sets endTime only then)
+    msg = run_health(rayjob, objs[RETRY_SEQUENCE.index("retrying")])["message"]
+    assert "Attempt 1 of 2 failed" in msg and "attempt 2 of 2" in msg
+
+
+def test_fixtures_carry_the_status_fields_kuberay_writes():
+    """After its first reconcile KubeRay always writes failed and succeeded (checkBackoffLimitAndUpdateStatusIfNeeded)
+    and startTime (initRayJobStatusIfNeed); ValidationFailed returns before both. Terminal deployments have endTime."""
+    for path in sorted((ROOT / "ray.io" / "RayJob" / "testdata").glob("*.yaml")):
+        st = yaml.safe_load(path.read_text()).get("status")
+        if st is None:
+            continue
+        if st["jobDeploymentStatus" if "jobDeploymentStatus" in st else "failed"] == "ValidationFailed":
+            continue
+        assert {"failed", "succeeded", "startTime"} <= set(st), path.name
+        assert ("endTime" in st) == (st.get("jobDeploymentStatus") in ("Complete", "Failed")), path.name
+        if st.get("jobDeploymentStatus") in ("Failed", "Retrying"):
+            assert st.get("reason") and st.get("message"), path.name
+        assert "observedGeneration" not in st, path.name  # the RayJob controller never writes it

@@ -2,8 +2,10 @@
 
 The server is http.server on 127.0.0.1 (a random port) answering the Kubernetes API paths the client uses, the
 way the API server does: bearer-token auth, 404/409 Status objects, patch content types checked (merge patch on
-custom resources; JSON Patch bodies must be lists), RayJob status moving through KubeRay's states per read, pod
-lists filtered by label selector, pod logs (streamed with follow). The real `kubernetes` client talks to it over
+custom resources; JSON Patch bodies must be lists), RayJob status moving through KubeRay's states per read and
+per watch event (a chunked watch stream ending after timeoutSeconds, 410 Gone as an ERROR event), scripted
+faults (5xx answers, a dropped watch connection, a request that hangs), pod lists filtered by label selector,
+pod logs (streamed with follow). The real `kubernetes` client talks to it over
 HTTP through a kubeconfig file, and over HTTPS with a service-account token for the in-cluster path.
 """
 
@@ -59,9 +61,15 @@ class FakeKube:
 
     def __init__(self):
         self.objects: dict[tuple, dict] = {}      # (resource, namespace, name) -> object
-        self.statuses: dict[tuple, list] = {}     # (namespace, rayjob) -> statuses, one consumed per read
+        self.statuses: dict[tuple, list] = {}     # (namespace, rayjob) -> pending statuses, one per read/event
         self.logs: dict[tuple, list[str]] = {}    # (namespace, pod) -> log lines
         self.requests: list[dict] = []
+        # Faults for the next RayJob reads and watches, in order: an HTTP status (int), "drop" (a watch stream
+        # cut after its first event, without the closing chunk), "gone" (a watch answering 410 as an ERROR
+        # event), "hang" (no answer for `hang_seconds`).
+        self.faults: list = []
+        self.hang_seconds = 5.0
+        self.resource_version = 100
         self.lock = threading.Lock()
 
     def add_pod(self, ns: str, name: str, job: str, created: str, lines: list[str]):
@@ -75,6 +83,17 @@ class FakeKube:
         }
         self.logs[(ns, name)] = lines
 
+    def next_status(self, ns: str, name: str) -> dict | None:
+        """Apply the next pending status to the RayJob (as a KubeRay status update would); None when none is left."""
+        queue = self.statuses.get((ns, name))
+        if not queue:
+            return None
+        obj = self.objects[("rayjobs", ns, name)]
+        obj["status"] = queue.pop(0)
+        self.resource_version += 1
+        obj["metadata"]["resourceVersion"] = str(self.resource_version)
+        return copy.deepcopy(obj)
+
     def handle(self, method: str, url: str, headers, body: bytes):
         parsed = urlparse(url)
         query = {k: v[0] for k, v in parse_qs(parsed.query).items()}
@@ -87,12 +106,25 @@ class FakeKube:
         routes = [
             (r"/apis/ray\.io/v1/namespaces/([^/]+)/rayjobs(?:/([^/]+))?", "rayjobs"),
             (r"/api/v1/namespaces/([^/]+)/configmaps(?:/([^/]+))?", "configmaps"),
+            (r"/apis/networking\.k8s\.io/v1/namespaces/([^/]+)/networkpolicies(?:/([^/]+))?", "networkpolicies"),
             (r"/api/v1/namespaces/([^/]+)/pods/([^/]+)/log", "log"),
             (r"/api/v1/namespaces/([^/]+)/pods", "pods"),
         ]
         for pattern, resource in routes:
             m = re.fullmatch(pattern, parsed.path)
             if m:
+                watching = query.get("watch") == "true"
+                applicable = [f for f in self.faults if watching or f not in ("drop", "gone")]
+                if resource == "rayjobs" and method == "GET" and applicable:
+                    fault = applicable[0]
+                    self.faults.remove(fault)
+                    if isinstance(fault, int):
+                        return fault, _status(fault, "ServiceUnavailable" if fault == 503 else "InternalError",
+                                              "the server is currently unable to handle the request")
+                    if fault == "hang":
+                        time.sleep(self.hang_seconds)
+                    elif query.get("watch") == "true":
+                        return 200, ("watch", m.group(1), query, fault)
                 with self.lock:
                     return self._route(method, resource, m.group(1), m.group(2) if m.lastindex > 1 else None,
                                        query, headers, data)
@@ -106,6 +138,8 @@ class FakeKube:
             return 200, ("stream" if query.get("follow") == "true" else "text", self.logs[(ns, name)])
         if method == "POST":
             return self._create(resource, ns, data)
+        if name is None and query.get("watch") == "true":
+            return 200, ("watch", ns, query, None)
         if name is None:  # list
             selector = dict(part.split("=", 1) for part in query.get("labelSelector", "").split(",") if part)
             items = [o for (r, n, _), o in self.objects.items() if r == resource and n == ns
@@ -116,9 +150,8 @@ class FakeKube:
             return 404, _status(404, "NotFound", f'{kind} "{name}" not found')
         obj = self.objects[key]
         if method == "GET":
-            queue = self.statuses.get((ns, name))
-            if queue:
-                obj["status"] = queue.pop(0) if len(queue) > 1 else queue[0]
+            if resource == "rayjobs":
+                self.next_status(ns, name)
             return 200, obj
         if method == "PATCH":
             ctype = headers.get("Content-Type")
@@ -136,6 +169,28 @@ class FakeKube:
             return 200, {"kind": "Status", "apiVersion": "v1", "status": "Success",
                          "details": {"name": name, "group": "ray.io", "kind": "rayjobs", "uid": obj["metadata"]["uid"]}}
         return 405, _status(405, "MethodNotAllowed", method)
+
+    def watch_events(self, ns: str, query: dict, fault):
+        """Events of a RayJob watch (fieldSelector metadata.name=<name>): one MODIFIED per pending status, then
+        quiet until timeoutSeconds. Yields dicts; the string "drop" means: cut the connection here."""
+        name = query.get("fieldSelector", "").removeprefix("metadata.name=")
+        if fault == "gone":
+            yield {"type": "ERROR", "object": _status(410, "Expired", "too old resource version: 1 (4242)")}
+            return
+        end = time.monotonic() + float(query.get("timeoutSeconds", 30))
+        while time.monotonic() < end:
+            with self.lock:
+                if ("rayjobs", ns, name) not in self.objects:
+                    return
+                obj = self.next_status(ns, name)
+            if obj is None:
+                time.sleep(0.01)
+                continue
+            yield {"type": "MODIFIED", "object": obj}
+            if fault == "drop":
+                yield "drop"
+                return
+            time.sleep(0.005)
 
     def _create(self, resource, ns, data):
         name = data["metadata"]["name"]
@@ -155,6 +210,27 @@ class Handler(BaseHTTPRequestHandler):
     def _serve(self):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         code, payload = self.server.kube.handle(self.command, self.path, self.headers, body)
+        if isinstance(payload, tuple) and payload[0] == "watch":  # a chunked stream of JSON lines, as the API server
+            _, ns, query, fault = payload
+            self.protocol_version = "HTTP/1.1"
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            try:
+                for event in self.server.kube.watch_events(ns, query, fault):
+                    if event == "drop":  # no closing chunk: the client sees a broken connection
+                        self.close_connection = True
+                        return
+                    line = json.dumps(event).encode() + b"\n"
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+                    self.wfile.flush()
+                self.wfile.write(b"0\r\n\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up on the watch (its own read timeout)
+            self.close_connection = True
+            return
         if isinstance(payload, tuple):  # pod log
             mode, lines = payload
             self.send_response(code)
@@ -225,7 +301,7 @@ def run(kubeconfig: Path, *argv: str) -> int:
 
 def rayjob_status(dep: str, job: str | None = None, **extra) -> dict:
     st = {"jobDeploymentStatus": dep, "rayClusterName": "tiny-raycluster-x7k2p", "jobId": "tiny-hq8d2",
-          "startTime": "2026-11-29T06:00:02Z", "observedGeneration": 1, "failed": 0, "succeeded": 0}
+          "startTime": "2026-11-29T06:00:02Z", "failed": 0, "succeeded": 0}  # as KubeRay v1.7.0 writes it
     if job:
         st["jobStatus"] = job
     st.update(extra)
@@ -339,7 +415,7 @@ def test_submit_config_builds_rayjob_and_owned_configmap(api, kube, capsys, kube
     workers = spec["rayClusterSpec"]["workerGroupSpecs"][0]
     assert workers["replicas"] == expected.scaling.num_workers == 2
     pod = workers["template"]["spec"]
-    assert {"name": "shared", "persistentVolumeClaim": {"claimName": "dolly-train-shared"}} in pod["volumes"]
+    assert {"claimName": "dolly-train-shared"} in [v.get("persistentVolumeClaim") for v in pod["volumes"]]
     assert pod["containers"][0]["image"] == "ghcr.io/dolly-train/cpu:0.1.0"
     assert "nvidia.com/gpu" not in pod["containers"][0]["resources"]["limits"]
     from k8s_validate import validate_objects, validate_pod_templates
@@ -350,10 +426,14 @@ def test_submit_config_builds_rayjob_and_owned_configmap(api, kube, capsys, kube
 def test_submit_config_conflict_removes_its_configmap(api, kube, capsys):
     put_rayjob(kube, "tiny", [rayjob_status("Running", "RUNNING")])
     overrides = ["model.path=/m", "data.path=/d", "checkpoint.storage_path=/runs"]
-    assert run(api, "submit", "-n", NS, "--config", "cpu-tiny", "--image", "img:1", "--name", "tiny", *overrides) == 1
+    assert run(api, "submit", "-n", NS, "--config", "cpu-tiny", "--image", "img:1", "--name", "tiny",
+               "--pvc", "shared", *overrides) == 1
     assert 'AlreadyExists (409): rayjobs.ray.io "tiny" already exists' in capsys.readouterr().err
     assert ("configmaps", NS, "tiny-config") not in kube.objects
-    assert [r["method"] for r in kube.requests] == ["POST", "POST", "DELETE"]
+    assert ("networkpolicies", NS, "tiny-ray") not in kube.objects
+    assert [(r["method"], r["path"].rsplit("/", 1)[-1] if r["method"] == "POST" else r["path"].split("/")[-2])
+            for r in kube.requests] == [("POST", "networkpolicies"), ("POST", "configmaps"), ("POST", "rayjobs"),
+                                        ("DELETE", "configmaps"), ("DELETE", "networkpolicies")]
 
 
 def test_submit_config_rejects_bad_input_before_any_request(api, kube, capsys):
@@ -373,9 +453,10 @@ def test_submit_dry_run_prints_valid_objects_and_sends_nothing(api, kube, capsys
     from k8s_validate import validate_objects
 
     assert run(api, "submit", "--config", "cpu-tiny", "--image", "i:1", "--name", "tiny", "--dry-run",
-               "model.path=/m", "data.path=/d", "checkpoint.storage_path=s3://bucket/runs") == 0
+               "--pvc", "shared", "model.path=/m", "data.path=/d", "checkpoint.storage_path=s3://bucket/runs") == 0
     docs = list(yaml.safe_load_all(capsys.readouterr().out))
-    assert [d["kind"] for d in docs] == ["ConfigMap", "RayJob"] and kube.requests == []
+    docs.sort(key=lambda d: d["kind"])
+    assert [d["kind"] for d in docs] == ["ConfigMap", "NetworkPolicy", "RayJob"] and kube.requests == []
     assert yaml.safe_load(docs[0]["data"]["train.yaml"])["checkpoint"]["storage_path"] == "s3://bucket/runs"
     assert validate_objects(docs, kuberay_crds) == []
 
@@ -562,3 +643,188 @@ def test_every_subcommand_has_help(capsys):
             cli.main([command, "--help"])
         assert exit_.value.code == 0
         assert "--kubeconfig" in capsys.readouterr().out
+
+
+# ---- KubeRay's real transitions, retries and API trouble through `dolly-train wait` --------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RAYJOB_TESTDATA = REPO_ROOT / "manifests" / "argocd" / "resource_customizations" / "ray.io" / "RayJob" / "testdata"
+
+
+def put_fixture_sequence(kube: FakeKube, name: str, fixtures: list[str]) -> None:
+    """A RayJob whose spec is the chart's (backoffLimit 1) and whose statuses are the health-check testdata, in the
+    order KubeRay v1.7.0 writes them (see the comments in those files)."""
+    objs = [yaml.safe_load((RAYJOB_TESTDATA / f"{f}.yaml").read_text()) for f in fixtures]
+    first = copy.deepcopy(objs[0])
+    first["metadata"] = {"name": name, "namespace": NS, "uid": str(uuid.uuid4()), "generation": 1,
+                         "resourceVersion": "100"}
+    first.pop("status", None)
+    kube.objects[("rayjobs", NS, name)] = first
+    kube.statuses[(NS, name)] = [o.get("status") or {} for o in objs]
+
+
+def test_wait_retrying_then_success_is_not_a_failure(api, kube, capsys):
+    """FAILED + Retrying, then a new attempt RUNNING, then SUCCEEDED + Complete: exit 0, each attempt named."""
+    from test_health_lua import RETRY_SEQUENCE
+
+    put_fixture_sequence(kube, "tiny", RETRY_SEQUENCE)
+    assert run(api, "wait", "tiny", "-n", NS, "--poll", "0.01", "--timeout", "30") == 0
+    out, err = capsys.readouterr()
+    assert "FAILED -" not in err and out.rstrip().endswith("tiny: SUCCEEDED")
+    seen = [s.strip() for s in re.findall(r"tiny: (deployment \S+, job \S+, [^:\[\n]+)", out)]
+    assert seen == [
+        "deployment New, job -, attempt 1/2", "deployment Initializing, job -, attempt 1/2",
+        "deployment Running, job -, attempt 1/2", "deployment Running, job PENDING, attempt 1/2",
+        "deployment Running, job RUNNING, attempt 1/2",
+        "deployment Running, job FAILED, attempt 1/2 failed, KubeRay will retry",
+        "deployment Retrying, job FAILED, attempt 1/2 failed, retrying on a new RayCluster (attempt 2/2)",
+        "deployment New, job -, attempt 2/2", "deployment Initializing, job -, attempt 2/2",
+        "deployment Running, job RUNNING, attempt 2/2", "deployment Complete, job SUCCEEDED, attempt 2/2"]
+    # The statuses arrived through the watch, not by re-reading: one GET, then watch events.
+    watches = [r for r in kube.requests if r["query"].get("watch") == "true"]
+    assert watches and watches[0]["query"]["fieldSelector"] == "metadata.name=tiny"
+
+
+def test_wait_fails_when_the_last_attempt_fails(api, kube, capsys):
+    put_fixture_sequence(kube, "tiny", ["retry-running", "last-attempt-job-failed", "failed"])
+    assert run(api, "wait", "tiny", "-n", NS, "--poll", "0.01", "--timeout", "30") == k8s.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "tiny: FAILED" in err and "attempt 2/2 failed, no retry left" in err
+
+
+def test_wait_survives_a_dropped_watch_and_an_expired_resource_version(api, kube, capsys):
+    from test_health_lua import RETRY_SEQUENCE
+
+    put_fixture_sequence(kube, "tiny", RETRY_SEQUENCE)
+    kube.faults = ["drop", "gone", "drop"]  # each for the next watch request
+    assert run(api, "wait", "tiny", "-n", NS, "--poll", "0.01", "--timeout", "30") == 0
+    out, err = capsys.readouterr()
+    assert "connection to" in err and "lost" in err  # the drop was seen as a transient error and retried
+    assert "deployment Retrying, job FAILED" in out and out.rstrip().endswith("tiny: SUCCEEDED")
+    watches = [r for r in kube.requests if r["query"].get("watch") == "true"]
+    assert len(watches) >= 3 and kube.faults == []
+    # Each resumed watch starts from the resourceVersion of a fresh read, never from the beginning.
+    assert all(int(w["query"]["resourceVersion"]) > 100 for w in watches)
+
+
+def test_wait_retries_transient_api_errors_with_backoff(api, kube, capsys):
+    put_rayjob(kube, "tiny", [rayjob_status("Running", "RUNNING"), rayjob_status("Complete", "SUCCEEDED", succeeded=1)])
+    kube.faults = [503, 500, 429]
+    start = time.monotonic()
+    assert run(api, "wait", "tiny", "-n", NS, "--poll", "0.05", "--timeout", "30") == 0
+    err = capsys.readouterr().err
+    assert err.count("API error, retrying in") == 3 and "ServiceUnavailable (503)" in err
+    delays = [float(d) for d in re.findall(r"retrying in ([0-9.]+) s", err)]
+    assert delays == sorted(delays) and delays[-1] > delays[0]  # backing off
+    assert time.monotonic() - start < 10
+
+
+def test_wait_exit_codes_tell_api_trouble_from_job_failure(api, kube, capsys, tmp_path, monkeypatch):
+    put_rayjob(kube, "tiny", [rayjob_status("Failed", "FAILED", reason="AppFailed", failed=1, message="boom")])
+    assert run(api, "wait", "tiny", "-n", NS, "--poll", "0.01", "--timeout", "5") == k8s.EXIT_FAILED == 1
+    # No such RayJob, rejected credentials, an unreachable server: 69, never the job-failed code.
+    assert run(api, "wait", "nope", "-n", NS, "--timeout", "5") == k8s.EXIT_API == 69
+    assert "NotFound (404)" in capsys.readouterr().err
+    start = time.monotonic()
+    assert run(api, "wait", "tiny", "-n", NS, "--context", "gone", "--poll", "0.05", "--timeout", "1.5") == 69
+    assert time.monotonic() - start < 15
+    assert "cannot reach the API server" in capsys.readouterr().err
+    bad = tmp_path / "stale"
+    bad.write_text(api.read_text().replace(TOKEN, "stale-token"))
+    assert run(bad, "wait", "tiny", "-n", NS, "--timeout", "5") == 69
+    assert "Unauthorized (401)" in capsys.readouterr().err
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    assert cli.main(["wait", "tiny", "--timeout", "5"]) == 69
+    assert "no Kubernetes credentials" in capsys.readouterr().err
+
+
+def test_wait_never_outlasts_its_timeout_on_a_hung_connection(api, kube, capsys):
+    put_rayjob(kube, "tiny", [rayjob_status("Running", "RUNNING")])
+    kube.faults, kube.hang_seconds = ["hang"], 20.0
+    start = time.monotonic()
+    code = run(api, "wait", "tiny", "-n", NS, "--poll", "0.05", "--timeout", "1")
+    assert time.monotonic() - start < 5, "a hung request outlasted --timeout"
+    assert code == k8s.EXIT_API  # the only read never answered: the API, not the job, is the problem
+    assert "timed out" in capsys.readouterr().err.lower()
+
+
+def test_wait_help_documents_the_exit_codes(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["wait", "--help"])
+    out = capsys.readouterr().out
+    for code in ("0", "1", "124", "69"):
+        assert re.search(rf"^\s+{code}\s+\S", out, re.M), code
+    assert "Retrying" in out
+
+
+# ---- one RayJob builder: submit --config sends the chart's RayJob ---------------------------------------------
+
+def test_submit_config_sends_the_same_rayjob_as_helm_template(api, kube, tmp_path, capsys, kuberay_crds):
+    """`submit --config` and `helm template` with the same settings give the same objects: the submitted RayJob
+    has the chart's container security context, /dev/shm, deadlines, backoffLimit, submitter template, GPU
+    tolerations, token auth and NetworkPolicy."""
+    from k8s_validate import tool, validate_objects, validate_pod_templates
+
+    chart = REPO_ROOT / "charts" / "dolly-train"
+    smoke = yaml.safe_load((chart / "values-cpu-smoke.yaml").read_text())
+    # The user's values for `helm install`: the smoke values, the model and data already on an existing claim.
+    user_values = {k: v for k, v in smoke.items() if k != "train"}
+    user_file = tmp_path / "user-values.yaml"
+    user_file.write_text(yaml.safe_dump(user_values))
+    install = tmp_path / "install-values.yaml"
+    install.write_text(yaml.safe_dump({"fullnameOverride": "dolly-smoke", "serviceAccount": {"create": False},
+                                       "storage": {"existingClaim": "shared-rwx"}, "staging": {"enabled": False}}))
+    res = subprocess.run([tool("helm"), "template", "dolly-smoke", str(chart), "-n", NS, "-f", str(chart / "values-cpu-smoke.yaml"),
+                          "-f", str(install)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    helm_objs = {o["kind"]: o for o in yaml.safe_load_all(res.stdout) if o}
+    train_file = tmp_path / "train.yaml"
+    train_file.write_text(helm_objs["ConfigMap"]["data"]["train.yaml"])
+
+    assert run(api, "submit", "-n", NS, "--config", str(train_file), "--image", "ghcr.io/dolly-train/cpu:0.1.0",
+               "--name", "dolly-smoke", "--pvc", "shared-rwx", "--values", str(user_file)) == 0
+    sent = {r["body"]["kind"]: r["body"] for r in kube.requests if r["method"] == "POST"}
+    assert set(sent) == {"ConfigMap", "NetworkPolicy", "RayJob"}
+    for kind, obj in sent.items():
+        assert obj["spec" if kind != "ConfigMap" else "data"] == helm_objs[kind]["spec" if kind != "ConfigMap" else "data"], kind
+        assert obj["metadata"]["labels"] == helm_objs[kind]["metadata"]["labels"], kind
+    spec = sent["RayJob"]["spec"]
+    assert spec["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    assert spec["backoffLimit"] >= 0 and spec["activeDeadlineSeconds"] and spec["preRunningDeadlineSeconds"]
+    assert spec["submitterPodTemplate"]["spec"]["containers"][0]["securityContext"]["allowPrivilegeEscalation"] is False
+    for _, tmpl in kv_pod_templates(sent["RayJob"]):
+        for c in tmpl["spec"]["containers"]:
+            assert c["securityContext"]["runAsNonRoot"] is True and c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    worker = spec["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert any(v.get("emptyDir", {}).get("medium") == "Memory" for v in worker["volumes"])
+    assert validate_objects(list(sent.values()), kuberay_crds) + validate_pod_templates(sent["RayJob"]) == []
+    # Every created object is owned by the RayJob.
+    uid = kube.objects[("rayjobs", NS, "dolly-smoke")]["metadata"]["uid"]
+    for resource, name in (("configmaps", "dolly-smoke-config"), ("networkpolicies", "dolly-smoke-ray")):
+        assert kube.objects[(resource, NS, name)]["metadata"]["ownerReferences"][0]["uid"] == uid
+
+    # A GPU config gets the chart's GPU tolerations and one GPU per worker pod.
+    capsys.readouterr()
+    assert run(api, "submit", "--config", "mistral-7b-zero3", "--image", "ghcr.io/dolly-train/trainer:0.1.0",
+               "--name", "big", "--pvc", "shared-rwx", "--dry-run", "model.path=/mnt/dolly/models/m",
+               "data.path=/mnt/dolly/data/d", "checkpoint.storage_path=/mnt/dolly/runs") == 0
+    (big,) = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d["kind"] == "RayJob"]
+    g = big["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert g["replicas"] == 8 and g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in g["template"]["spec"]["tolerations"]
+
+
+def kv_pod_templates(obj):
+    from k8s_validate import pod_templates
+
+    return pod_templates(obj)
+
+
+def test_submit_values_may_not_set_train(api, kube, tmp_path, capsys):
+    vf = tmp_path / "v.yaml"
+    vf.write_text("train: {seed: 1}\n")
+    assert run(api, "submit", "--config", "cpu-tiny", "--image", "i:1", "--name", "t", "--pvc", "p", "--values", str(vf),
+               "model.path=/m", "data.path=/d", "checkpoint.storage_path=/r") == 1
+    assert "sets `train`" in capsys.readouterr().err and kube.requests == []

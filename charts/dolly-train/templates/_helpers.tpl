@@ -34,6 +34,11 @@ app.kubernetes.io/part-of: dolly-train
 {{- end }}
 {{- end }}
 
+{{/* Whether the staging Job downloads anything from the Hugging Face Hub (then it reads the token). */}}
+{{- define "dolly-train.stagingUsesHub" -}}
+{{- if or (eq .Values.staging.model.source "hub") (eq .Values.staging.data.source "hub") }}true{{ end }}
+{{- end }}
+
 {{/* Labels that identify this release's objects (stable across upgrades). */}}
 {{- define "dolly-train.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "dolly-train.name" . }}
@@ -193,6 +198,10 @@ Returns YAML: {groups: [{groupName, replicas, gpusPerPod, ...}, ...]}.
 {{- end }}
 {{- if and .Values.rayJob.deletionStrategy .Values.rayJob.shutdownAfterJobFinishes }}
 {{- fail "rayJob.deletionStrategy: set it or rayJob.shutdownAfterJobFinishes, not both (both decide what happens to the cluster after the job)" }}
+{{- end }}
+{{- $m := .Values.staging.model }}
+{{- if and .Values.staging.enabled (eq $m.source "hub") $m.gated (not .Values.staging.hfTokenSecret.name) }}
+{{- fail (printf "staging.hfTokenSecret.name: %s is a gated model (staging.model.gated: true), so the staging Job needs a Hugging Face token. Accept the model's licence on huggingface.co, create the Secret in the release namespace:\n  kubectl create secret generic hf-token --from-literal=token=hf_...\nand set staging.hfTokenSecret.name=hf-token (or staging.model.gated=false for a public model)" $m.repoId) }}
 {{- end }}
 {{- if and .Values.staging.enabled (not (hasPrefix "/" (.Values.train.model.path | default "/"))) }}
 {{- fail (printf "train.model.path: %q is not a path on the volume, but staging.enabled writes the model to a path; leave it empty or give an absolute path" .Values.train.model.path) }}

@@ -4,6 +4,15 @@ Head: CPU only (num-gpus "0"). Workers: one group per entry of dolly-train.worke
 */}}
 {{- define "dolly-train.rayClusterSpec" -}}
 rayVersion: {{ .Values.rayVersion | quote }}
+{{- if .Values.rayAuth.enabled }}
+# Ray token auth: KubeRay sets RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (from the Secret's key auth_token) in the
+# head, worker and submitter containers (KubeRay v1.7.0 common/pod.go, SetContainerTokenAuthEnvVars).
+authOptions:
+  mode: token
+  {{- with .Values.rayAuth.secretName }}
+  secretName: {{ . }}
+  {{- end }}
+{{- end }}
 headGroupSpec:
   serviceType: {{ .Values.head.serviceType }}
   rayStartParams:

@@ -24,6 +24,10 @@ if st == nil or ((st.jobDeploymentStatus or "") == "" and (st.jobStatus or "") =
   end
   hs.status = "Progressing"
   hs.message = "Waiting for the KubeRay operator to pick up the RayJob"
+  if st ~= nil and (st.failed or 0) > 0 then
+    -- Retrying -> New: KubeRay cleared jobStatus and jobDeploymentStatus and starts the next attempt.
+    hs.message = "Waiting for KubeRay to start the next attempt after " .. tostring(st.failed) .. " failed"
+  end
   return hs
 end
 
@@ -37,24 +41,70 @@ if dep == "ValidationFailed" then
   return hs
 end
 
+-- Attempts: the first plus spec.backoffLimit retries. status.failed counts the attempts that failed
+-- (KubeRay v1.7.0 rayjob_controller.go, checkBackoffLimitAndUpdateStatusIfNeeded).
+local limit = 0
+if obj.spec ~= nil and obj.spec.backoffLimit ~= nil then
+  limit = obj.spec.backoffLimit
+end
+local failed = st.failed or 0
+local attempts = limit + 1
+
 -- jobDeploymentStatus Failed is terminal even when jobStatus still says RUNNING or PENDING:
 -- KubeRay stops polling the dashboard once the submitter fails or activeDeadlineSeconds passes,
--- so jobStatus keeps its last value (ray-project/kuberay#2314).
+-- so jobStatus keeps its last value (ray-project/kuberay#2314). KubeRay decides on a retry in the same
+-- reconcile that writes Failed (checkBackoffLimitAndUpdateStatusIfNeeded), so a Failed it persists is final.
 if dep == "Failed" then
   local text = "RayJob failed"
   if job ~= "" and job ~= "FAILED" then
     text = text .. " while the Ray job last reported " .. job
+  end
+  if limit > 0 then
+    text = text .. " after " .. tostring(failed) .. " of " .. tostring(attempts) .. " attempts"
   end
   hs.status = "Degraded"
   hs.message = detail(text)
   return hs
 end
 
--- The Ray job can fail before KubeRay moves the deployment on (ray-project/kuberay#1233, #3553):
--- the job status is the truth about the work.
-if job == "FAILED" then
+-- Retrying: the attempt failed and backoffLimit allows another. jobStatus still says FAILED from that
+-- attempt while KubeRay deletes the RayCluster and starts over (Retrying -> New -> Initializing).
+if dep == "Retrying" then
+  hs.status = "Progressing"
+  hs.message = detail("Attempt " .. tostring(failed) .. " of " .. tostring(attempts) ..
+    " failed; KubeRay is retrying on a new RayCluster (attempt " .. tostring(failed + 1) .. " of " .. tostring(attempts) .. ")")
+  return hs
+end
+
+if dep == "Complete" then
+  if job == "SUCCEEDED" then
+    hs.status = "Healthy"
+    hs.message = "Ray job SUCCEEDED"
+    return hs
+  end
+  -- Complete is never retried: STOPPED, or the submitter finished with the job status unknown.
   hs.status = "Degraded"
-  hs.message = detail("Ray job FAILED (deployment " .. (dep ~= "" and dep or "New") .. ")")
+  if job == "STOPPED" then
+    hs.message = detail("Ray job was STOPPED before it finished")
+  else
+    hs.message = detail("RayJob is Complete but the Ray job status is " .. (job ~= "" and job or "unknown"))
+  end
+  return hs
+end
+
+-- The Ray job can fail before KubeRay moves the deployment on (ray-project/kuberay#1233, #3553): in K8sJobMode
+-- KubeRay waits for the submitter to finish. It retries unless this was the last attempt backoffLimit allows.
+if job == "FAILED" then
+  local attempt = failed + 1
+  if failed >= limit then
+    hs.status = "Degraded"
+    hs.message = detail("Ray job FAILED in its last attempt (" .. tostring(attempt) .. " of " .. tostring(attempts) ..
+      ", deployment " .. (dep ~= "" and dep or "New") .. ")")
+  else
+    hs.status = "Progressing"
+    hs.message = detail("Ray job FAILED in attempt " .. tostring(attempt) .. " of " .. tostring(attempts) ..
+      "; KubeRay will retry it on a new RayCluster")
+  end
   return hs
 end
 if job == "STOPPED" then
@@ -64,21 +114,9 @@ if job == "STOPPED" then
 end
 
 if job == "SUCCEEDED" then
-  if dep == "Complete" then
-    hs.status = "Healthy"
-    hs.message = "Ray job SUCCEEDED"
-    return hs
-  end
   -- KubeRay marks the deployment Complete on its next reconcile; until then the sync is not done.
   hs.status = "Progressing"
   hs.message = "Ray job SUCCEEDED; waiting for KubeRay to mark the deployment Complete (now " .. dep .. ")"
-  return hs
-end
-
--- Complete without SUCCEEDED: the submitter finished but the job result is unknown.
-if dep == "Complete" then
-  hs.status = "Degraded"
-  hs.message = detail("RayJob is Complete but the Ray job status is " .. (job ~= "" and job or "unknown"))
   return hs
 end
 
@@ -92,12 +130,10 @@ if dep == "Suspended" or dep == "Suspending" or suspend then
   return hs
 end
 
-if dep == "Retrying" then
-  hs.status = "Progressing"
-  hs.message = detail("Retrying with a new RayCluster after " .. tostring(st.failed or 0) .. " failed attempt(s)")
-  return hs
+local text = "Deployment " .. (dep ~= "" and dep or "New") .. ", Ray job " .. (job ~= "" and job or "not submitted yet")
+if limit > 0 or failed > 0 then
+  text = text .. " (attempt " .. tostring(failed + 1) .. " of " .. tostring(attempts) .. ")"
 end
-
 hs.status = "Progressing"
-hs.message = "Deployment " .. dep .. ", Ray job " .. (job ~= "" and job or "not submitted yet")
+hs.message = text
 return hs
