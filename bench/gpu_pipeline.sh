@@ -16,7 +16,7 @@
 #
 # Stages share $DOLLY_GPU_WORK (default /root/dolly-gpu), so they can run in separate calls on one machine.
 # Every knob is an environment variable (defaults: the 1-GPU preset on the 7B architecture); on a CPU the
-# same script runs end to end on the tiny model (tests/test_gpu_pipeline_script.py):
+# same script runs end to end on the tiny model (ARCH=tiny PRESET=cpu-tiny BENCH_ARGS=--cpu, small sizes):
 #   ARCH=mistral-7b LAYERS= PRESET=mistral-7b-zero3-1gpu STEPS_KILL=16 STEPS=24 EVERY=8 NUM_EXAMPLES=15000
 #   MAX_LENGTH=2048 BENCH_VARIANTS=preset-1gpu BENCH_STEPS=10 EXTRA="override ..." PY=python3 RAY_PORT=6379
 # A 64 GiB disk cannot hold a 7B ZeRO-3 checkpoint with optimizer state (~100 GB): by default the run writes
