@@ -94,7 +94,7 @@ stage_bench() {
   # shellcheck disable=SC2086
   "$PY" bench/train_throughput.py --model "$M" --data "$D" --variants "$BENCH_VARIANTS" --steps "$BENCH_STEPS" \
     --warmup "$BENCH_WARMUP" --max-length "$MAX_LENGTH" --out "$OUTDIR" ${BENCH_ARGS:-} 2>&1 | tee "$W/bench.log" | grep -v WARNING
-  ls -t "$OUTDIR"/train_throughput_*.json | head -n1 > "$T/bench_record"
+  find "$OUTDIR" -maxdepth 1 -name 'train_throughput_*.json' | sort | tail -n1 > "$T/bench_record"
 }
 
 stage_train_kill() {
@@ -102,6 +102,7 @@ stage_train_kill() {
   rm -rf "${R:?}/$RUN"
   local t0 log=$W/train-leg1.log; t0=$(now)
   export -f cli train_cmd
+  # shellcheck disable=SC2016  # expanded by the child shell, from the exported variables
   setsid bash -c 'train_cmd "$STEPS"' >"$log" 2>&1 &
   local pid=$!
   until [ "$(registered_checkpoint)" -ge "$STEPS_KILL" ]; do
@@ -119,13 +120,14 @@ stage_train_resume() {
   ray_head
   local log=$W/train-leg2.log
   export -f cli train_cmd
+  # shellcheck disable=SC2016  # expanded by the child shell, from the exported variables
   timed train_leg2 bash -c 'train_cmd "$STEPS"' >"$log" 2>&1 || { tail -n 80 "$log"; exit 1; }
   grep -v WARNING "$log" | grep -E "dolly-train|resumed" | tail -n 20
   cp "$R/$RUN/metrics.jsonl" "$OUTDIR/metrics.jsonl"
 }
 
 stage_export() {
-  local last; last=$(ls -d "$R/$RUN"/checkpoint_[0-9]* | sort | tail -n1)
+  local last; last=$(find "$R/$RUN" -maxdepth 1 -type d -name 'checkpoint_[0-9]*' | sort | tail -n1)
   du -sb "$last" | cut -f1 > "$T/checkpoint_bytes"
   timed export cli export --checkpoint "$last" --out "$R/$RUN/export"
 }

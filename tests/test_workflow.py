@@ -14,7 +14,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOW = REPO / ".github" / "workflows" / "kind-smoke.yaml"
-SCRIPTS = sorted(p for p in (REPO / "scripts").iterdir() if p.is_file() and p.read_text().startswith("#!"))
+# every shell script: the executables under scripts/ and the benchmark drivers under bench/
+SCRIPTS = sorted([p for p in (REPO / "scripts").iterdir() if p.is_file() and p.read_text().startswith("#!")]
+                 + list((REPO / "bench").glob("*.sh")))
 
 
 def _venv_tool(name: str) -> str:
