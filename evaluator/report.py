@@ -204,17 +204,18 @@ def run_blocks(metrics: dict, rows: list[dict], chart: str) -> list[tuple]:
     return blocks
 
 
-PHASES = (("inputs_seconds", "input checks + prompt ids"), ("hash_seconds", "weight hashing (background thread)"),
-          ("engine_start_seconds", "engine start"), ("generate_seconds", "generate"),
-          ("score_seconds", "ROUGE scoring + statistics"), ("report_seconds", "predictions + chart"),
-          ("hash_wait_seconds", "waited for background work after generation"),
-          ("total_seconds", "total (this run, before the report pages)"))
+PHASES = (("inputs_seconds", "input checks + prompt ids"), ("vllm_import_seconds", "import vLLM"),
+          ("hash_seconds", "weight hashing (background, beside the engine start)"),
+          ("engine_start_seconds", "engine start"),
+          ("background_wait_seconds", "waited for background work after the engine start"),
+          ("generate_seconds", "generate"), ("score_seconds", "ROUGE scoring + statistics"),
+          ("report_seconds", "predictions + chart"), ("total_seconds", "total (this run, before the report pages)"))
 
 
 def timing_blocks(metrics: dict) -> list[tuple]:
     t, cache = metrics["timings"], metrics["engine"].get("cache") or {}
-    note = (f"Scoring ran in {t['scoring_workers']} process(es); weight hashing ran beside the engine start and "
-            f"generation. vLLM cache {cache.get('root', '?')}: torch.compile cache "
+    note = (f"Scoring ran in {t['scoring_workers']} process(es); weight hashing, matplotlib's import and the "
+            f"scoring workers' start ran beside the engine start. vLLM cache {cache.get('root', '?')}: torch.compile cache "
             f"{cache.get('torch_compile_cache', '?')} at engine start.")
     return [("h", 2, "Time by phase"),
             ("table", ["phase", "seconds"], [[label, f"{t[k]:.2f}"] for k, label in PHASES if k in t]),

@@ -112,6 +112,47 @@ def _preload_report_modules() -> None:
     _plt()
 
 
+def _generate(cfg: RunConfig, model: ModelInfo, prompt_ids, example_ids, eos_id: int, workers: int, engine,
+              timings: dict):
+    """Engine start and generation, with the background work (weight hashing, matplotlib's import and font
+    cache, the scoring workers' server) running beside the engine start and joined before generation begins,
+    so that it never competes with vLLM's output processing for the GIL while it generates."""
+    t0 = time.perf_counter()
+    import vllm  # noqa: F401  (imported here, once the inputs are known to be good; timed as its own phase)
+
+    from evaluator.generate import GenerationRun, generate, generate_with, shutdown, start_engine
+
+    timings["vllm_import_seconds"] = time.perf_counter() - t0
+    with ThreadPoolExecutor(max_workers=3, thread_name_prefix="dolly-eval-bg") as background:
+        jobs = [background.submit(model.hash_weights), background.submit(_preload_report_modules)]
+        if workers > 1:
+            jobs.append(background.submit(prestart_workers))
+
+        def join() -> None:
+            t = time.perf_counter()
+            timings["hash_seconds"] = jobs[0].result()
+            for job in jobs[1:]:
+                job.result()
+            timings["background_wait_seconds"] = time.perf_counter() - t
+
+        if cfg.engine.data_parallel_size > 1 and engine is None:  # engines in their own processes: no GIL to share
+            gen_run = generate(str(model.path), prompt_ids, example_ids, eos_id, cfg.engine, cfg.sampling)
+            join()
+        else:
+            eng = engine or start_engine(str(model.path), cfg.engine)
+            try:
+                join()
+                gens, seconds = generate_with(eng.llm, prompt_ids, example_ids, eos_id, cfg.sampling)
+            finally:
+                if engine is None:
+                    shutdown(eng.llm)
+            gen_run = GenerationRun(gens, 0.0 if engine else eng.start_s, seconds, eng.device, eng.vllm_version,
+                                    eng.kwargs, eng.cache)
+    timings["engine_start_seconds"] = gen_run.engine_start_s
+    timings["generate_seconds"] = gen_run.generate_s
+    return gen_run
+
+
 def run(cfg: RunConfig, engine=None) -> dict:
     """The whole `dolly-eval run`. `engine`: an already started `evaluator.generate.Engine` to generate with
     (bench/eval_speed.py shares one between raw vLLM and this path); the caller shuts it down."""
@@ -136,25 +177,8 @@ def run(cfg: RunConfig, engine=None) -> dict:
     log.info("%s: %d test records, model %s", split.path, len(records), model.path)
     timings["inputs_seconds"] = time.perf_counter() - t_run
 
-    from evaluator.generate import generate  # imports vLLM: only once the inputs are known to be good
-
     workers = cfg.scoring.workers or default_workers()
-    # Beside the engine start: weight hashing, matplotlib's import (font cache) and the scoring workers' server.
-    with ThreadPoolExecutor(max_workers=3, thread_name_prefix="dolly-eval-bg") as background:
-        hashing = background.submit(model.hash_weights)
-        preload = [background.submit(_preload_report_modules)]
-        if workers > 1:
-            preload.append(background.submit(prestart_workers))
-        gen_run = generate(str(model.path), prompt_ids, [r["id"] for r in records], encoder.eos_id, cfg.engine,
-                           cfg.sampling, started=engine)
-        t_wait = time.perf_counter()
-        timings["hash_seconds"] = hashing.result()
-        for f in preload:
-            f.result()
-        timings["hash_wait_seconds"] = time.perf_counter() - t_wait
-    timings["engine_start_seconds"] = gen_run.engine_start_s
-    timings["generate_seconds"] = gen_run.generate_s
-
+    gen_run = _generate(cfg, model, prompt_ids, [r["id"] for r in records], encoder.eos_id, workers, engine, timings)
     t0 = time.perf_counter()
     cut = {t["id"]: t["kept_context_chars"] for t in truncated}
     prompts = [prompt_text(r["instruction"], r["context"].strip()[: cut[r["id"]]] if r["id"] in cut else r["context"])
