@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,8 +144,9 @@ def requests(prompt_ids: list[list[int]], example_ids: list[str], eos_id: int, s
 
     seeds = sampling.run_seeds()
     prompts = [TokensPrompt(prompt_token_ids=ids) for _ in seeds for ids in prompt_ids]
-    params = [sampling_params(sampling, eos_id, None if s is None else request_seed(s, i))
-              for s in seeds for i in example_ids]
+    if sampling.greedy:  # nothing differs between requests: one SamplingParams for all, as a plain call would pass
+        return prompts, sampling_params(sampling, eos_id, None)
+    params = [sampling_params(sampling, eos_id, request_seed(s, i)) for s in seeds for i in example_ids]
     return prompts, params
 
 
@@ -156,7 +158,8 @@ def generate_with(llm, prompt_ids: list[list[int]], example_ids: list[str], eos_
     log.info("generating %d prompts x %d seed(s), up to %d new tokens each",
              len(prompt_ids), len(seeds), sampling.max_new_tokens)
     t0 = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=True)
+    # A progress bar on a terminal only: in a Job's log it is noise.
+    outputs = llm.generate(prompts, params, use_tqdm=sys.stderr.isatty())
     elapsed = time.perf_counter() - t0
     gens = []
     for k, out in enumerate(outputs):  # vLLM returns outputs in request order

@@ -207,4 +207,9 @@ def summary_table(metrics: dict) -> str:
     lines = [f"{'metric':<10} {'F1':>8} {'CI low':>8} {'CI high':>8}"]
     lines += [f"{t:<10} {o[t]['f1']['mean']:8.4f} {o[t]['f1']['ci_low']:8.4f} {o[t]['f1']['ci_high']:8.4f}"
               for t in ROUGE_TYPES]
+    if "timings" in metrics:
+        lines.append("seconds: " + ", ".join(f"{k.removesuffix('_seconds').replace('_', ' ')} {v:.1f}"
+                                             for k, v in metrics["timings"].items() if k.endswith("_seconds")))
+    if "protocol" in metrics:
+        lines.append(metrics["protocol"]["statement"])
     return "\n".join(lines)
