@@ -76,6 +76,8 @@ def engine_kwargs(model_dir: str, engine: EngineConfig, device: str) -> dict:
           "seed": engine.seed}
     if engine.max_model_len is not None:
         kw["max_model_len"] = engine.max_model_len
+    if engine.max_num_seqs is not None:
+        kw["max_num_seqs"] = engine.max_num_seqs
     return kw
 
 
