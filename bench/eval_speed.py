@@ -70,12 +70,17 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
 
 def make_inputs(tmp: Path, args) -> tuple[Path, Path]:
     """The tiny model and a synthetic data dir (Dolly's lengths), when none are given."""
-    from trainer.data.prepare import prepare
-    from trainer.tiny_model import init_tiny_model
+    # imported only when needed: the GPU machine has no `datasets` (prepare's writer), and needs neither there
+    if args.model:
+        model = Path(args.model)
+    else:
+        from trainer.tiny_model import init_tiny_model
 
-    model = Path(args.model) if args.model else init_tiny_model(tmp / "tiny", seed=0)
+        model = init_tiny_model(tmp / "tiny", seed=0)
     data = Path(args.data) if args.data else None
     if data is None:
+        from trainer.data.prepare import prepare
+
         data = tmp / "data"
         prepare(source="synthetic", out=data, tokenizer=model, max_length=512, num_examples=args.synthetic_examples,
                 seed=0, profile="dolly")

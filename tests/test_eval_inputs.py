@@ -287,3 +287,40 @@ def test_cache_root_sets_vllm_cache_root(tmp_path, monkeypatch):
 
     assert os.environ["VLLM_CACHE_ROOT"] == str(root)  # what the engine process inherits
     assert parse(["--model", "m", "--data", "d", "--out", "o", "--cache-root", "/c"]).engine.cache_root == "/c"
+
+
+def test_report_shows_phases_truncation_and_protocol(tiny_model_dir, tmp_path):
+    """metrics.json -> report blocks through the real build_metrics/prediction_rows, with generations made up
+    (no engine): the protocol statement, the time by phase and the truncation count are in the report."""
+    from evaluator.config import RunConfig, SamplingConfig
+    from evaluator.generate import Generation, GenerationRun
+    from evaluator.inputs import ModelInfo, TestSplit
+    from evaluator.report import run_blocks, to_markdown
+    from evaluator.run import build_metrics, prediction_rows, summary_table
+    from trainer.prompt import PromptEncoder
+
+    enc = PromptEncoder(tiny_model_dir)
+    seeds = [10, 20, 30, 40, 50]
+    cfg = RunConfig(model="m", data="d", out="o", limit=500, protocol="minillm",
+                    sampling=SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=256, seeds=seeds))
+    records = RECORDS
+    prompt_ids = enc.encode_prompts(records)
+    gens = [Generation(i, s, enc.sp.encode(r["response"] if k % 2 else "something else") + [enc.eos_id], "stop")
+            for k, s in enumerate(seeds) for i, r in enumerate(records)]
+    gen_run = GenerationRun(gens, 12.0, 3.0, "cpu", "0.0", {"model": "m"}, {"root": "/c", "torch_compile_cache": "warm"})
+    model = ModelInfo(tiny_model_dir, enc.vocab_size, 2048, {"model.safetensors": "0" * 64}, "1" * 64,
+                      "tokenizer.model", "2" * 64)
+    split = TestSplit(tmp_path / "test.jsonl", "3" * 64, {}, records)
+    rows = prediction_rows(records, prompt_ids, gen_run, enc, workers=1)
+    cut = {"count": 1, "max_prompt_tokens": 3840, "examples": [{"id": RECORDS[1]["id"]}]}
+    m = build_metrics(cfg, model, split, records, prompt_ids, gen_run, rows, cut)
+    m["timings"] = {"scoring_workers": 2, "hash_in_background": True, "hash_seconds": 1.5,
+                    "engine_start_seconds": 12.0, "generate_seconds": 3.0, "score_seconds": 0.5,
+                    "report_seconds": 0.25, "total_seconds": 18.0}
+    assert m["protocol"]["rougeL_x100"] == pytest.approx(100 * m["overall"]["rougeL"]["f1"]["mean"])
+    md = to_markdown(run_blocks(m, rows, "by_category.png"))
+    assert "MiniLLM Dolly protocol" in md and "26.3" in md and "31.6" in md and "comparable" in md
+    assert "Time by phase" in md and "| engine start | 12.00 |" in md and "torch.compile cache warm" in md
+    assert "1 test prompt(s) were longer than 3840 tokens" in md
+    assert "one sentence per line" in md
+    assert "MiniLLM Dolly protocol" in summary_table(m) and "engine start 12.0" in summary_table(m)
