@@ -1,12 +1,12 @@
-"""`dolly-eval run`: check inputs -> encode prompts -> vLLM generate -> ROUGE -> write the run folder.
+"""`dolly-eval run`: check inputs -> fit prompts -> vLLM generate -> ROUGE -> write the run folder.
 
     dolly-eval run --model models/tiny --data data/synthetic --out eval/base --config evaluator/configs/cpu-tiny.yaml
 
 Output folder (schema of metrics.json: evaluator/README.md):
     predictions.jsonl   one row per generation (one per test record, or per record and seed when sampling)
-    metrics.json        schema_version 1: provenance (model/tokenizer/test-split hashes, vLLM version,
+    metrics.json        schema_version 2: provenance (model/tokenizer/test-split hashes, vLLM version,
                         engine and sampling settings), ROUGE means + CIs overall and per category,
-                        generation counts, token statistics and throughput
+                        generation counts, token statistics, throughput and time per phase
     report.md, report.html, by_category.png
 """
 
