@@ -160,6 +160,9 @@ def bench(args, extra: list[str], tmp: Path) -> dict:
     config = args.config or (None if args.model else str(CPU_CONFIG))
     work = Path(args.work_dir) if args.work_dir else tmp / "runs"
     cfg, _ = eval_config(model, data, work / "eval-shared-engine", config, extra)
+    if cfg.engine.data_parallel_size != 1:
+        raise SystemExit("bench/eval_speed.py measures one engine on one GPU: drop --data-parallel-size "
+                         f"(got {cfg.engine.data_parallel_size})")
     _, cli_argv = eval_config(model, data, work / "eval-cli", config, extra)
     t0 = time.perf_counter()
     prompt_ids, example_ids, eos_id = prompt_ids_of(cfg)

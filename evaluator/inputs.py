@@ -117,7 +117,10 @@ class TestSplit:
         tok = self.manifest.get("tokenizer") or {}
         return {"path": str(self.path.parent), "test_file": self.path.name, "test_sha256": self.sha256,
                 "num_records": len(self.records), "manifest_source": self.manifest.get("source"),
-                "manifest_tokenizer_sha256": tok.get("sha256") if isinstance(tok, dict) else None}
+                "manifest_tokenizer_sha256": tok.get("sha256") if isinstance(tok, dict) else None,
+                # prepare's training length cap and how many test records exceed it (kept: split before the cap)
+                "manifest_max_length": self.manifest.get("max_length"),
+                "manifest_test_longer_than_max_length": self.manifest.get("test_longer_than_max_length")}
 
 
 def _check_record(path: Path, lineno: int, obj) -> dict:

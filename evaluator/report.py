@@ -180,7 +180,7 @@ def run_blocks(metrics: dict, rows: list[dict], chart: str) -> list[tuple]:
         ("img", chart, "F1 by category"),
         ("p", f"ROUGE as rouge-score computes it (stemming on). rougeLsum is scored one sentence per line "
               f"({metrics['scoring'].get('rougeLsum', 'newline-separated')}); rougeL ignores line breaks."),
-        ("p", _truncation_note(metrics["data"].get("prompts_truncated") or {})),
+        ("p", _truncation_note(metrics["data"])),
         ("h", 2, "Generation"),
         ("table", ["quantity", "value"], [
             ["finish reasons", json.dumps(g["finish_reasons"])],
@@ -222,10 +222,15 @@ def timing_blocks(metrics: dict) -> list[tuple]:
             ("p", note)]
 
 
-def _truncation_note(cut: dict) -> str:
+def _truncation_note(data: dict) -> str:
+    cut = data.get("prompts_truncated") or {}
+    over = data.get("manifest_test_longer_than_max_length")
+    split = ("" if over is None else
+             f"The test split was made before prepare's {data.get('manifest_max_length')}-token training cap, so it "
+             f"keeps its {over} example(s) longer than that. ")
     if not cut.get("count"):
-        return "Every test prompt was used whole (none longer than max_model_len - max_new_tokens)."
-    return (f"{cut['count']} test prompt(s) were longer than {cut['max_prompt_tokens']} tokens (max_model_len - "
+        return split + "Every test prompt was used whole (none longer than max_model_len - max_new_tokens)."
+    return split + (f"{cut['count']} test prompt(s) were longer than {cut['max_prompt_tokens']} tokens (max_model_len - "
             f"max_new_tokens): their context passage was cut to fit, the instruction kept whole; they stay in the "
             f"test set (listed in metrics.json data.prompts_truncated).")
 

@@ -310,7 +310,8 @@ def test_report_shows_phases_truncation_and_protocol(tiny_model_dir, tmp_path):
     gen_run = GenerationRun(gens, 12.0, 3.0, "cpu", "0.0", {"model": "m"}, {"root": "/c", "torch_compile_cache": "warm"})
     model = ModelInfo(tiny_model_dir, enc.vocab_size, 2048, {"model.safetensors": "0" * 64}, "1" * 64,
                       "tokenizer.model", "2" * 64)
-    split = TestSplit(tmp_path / "test.jsonl", "3" * 64, {}, records)
+    split = TestSplit(tmp_path / "test.jsonl", "3" * 64, {"max_length": 512, "test_longer_than_max_length": 2},
+                      records)
     rows = prediction_rows(records, prompt_ids, gen_run, enc, workers=1)
     cut = {"count": 1, "max_prompt_tokens": 3840, "examples": [{"id": RECORDS[1]["id"]}]}
     m = build_metrics(cfg, model, split, records, prompt_ids, gen_run, rows, cut)
@@ -322,5 +323,6 @@ def test_report_shows_phases_truncation_and_protocol(tiny_model_dir, tmp_path):
     assert "MiniLLM Dolly protocol" in md and "26.3" in md and "31.6" in md and "comparable" in md
     assert "Time by phase" in md and "| engine start | 12.00 |" in md and "torch.compile cache warm" in md
     assert "1 test prompt(s) were longer than 3840 tokens" in md
+    assert "made before prepare's 512-token training cap, so it keeps its 2 example(s)" in md
     assert "one sentence per line" in md
     assert "MiniLLM Dolly protocol" in summary_table(m) and "engine start 12.0" in summary_table(m)
