@@ -326,3 +326,18 @@ def test_report_shows_phases_truncation_and_protocol(tiny_model_dir, tmp_path):
     assert "made before prepare's 512-token training cap, so it keeps its 2 example(s)" in md
     assert "one sentence per line" in md
     assert "MiniLLM Dolly protocol" in summary_table(m) and "engine start 12.0" in summary_table(m)
+
+
+def test_sharded_weights_hashed_in_parallel_equal_hashlib(tmp_path):
+    from evaluator.inputs import ModelInfo, combined_sha256
+
+    paths = []
+    for k in range(3):
+        f = tmp_path / f"model-0000{k + 1}-of-00003.safetensors"
+        f.write_bytes(bytes([k]) * (1 << 20) * (k + 1))
+        paths.append(f)
+    info = ModelInfo(tmp_path, 1, None, {}, "", "tokenizer.model", "0" * 64, tuple(paths))
+    assert info.hash_weights() >= 0
+    want = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+    assert info.weight_files == want and info.weights_sha256 == combined_sha256(want)
+    assert info.record()["weight_files"] == want
