@@ -54,6 +54,10 @@ class EngineConfig:
     max_num_seqs: int | None = _f(None, "Sequences vLLM decodes at once (default: vLLM's, 256 on large GPUs). More "
                                         "= higher tokens/s on a GPU with KV-cache room to spare (a 7B on an H200), "
                                         "at the cost of more CUDA graphs to capture at start.", minimum=1)
+    cudagraph_capture_sizes: list | None = _f(
+        None, "Batch sizes vLLM captures CUDA graphs for at engine start (compilation_config; default: vLLM's, "
+              "~50 sizes up to max_num_seqs). Fewer sizes = a shorter start; decode steps of other sizes are "
+              "padded up to the next captured one.")
     cache_root: str | None = _f(None, "vLLM's cache folder (VLLM_CACHE_ROOT): its torch.compile artifacts make the "
                                       "next engine start faster; put it on the shared volume. Default: "
                                       "$VLLM_CACHE_ROOT, else ~/.cache/vllm.")

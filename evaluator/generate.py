@@ -78,6 +78,8 @@ def engine_kwargs(model_dir: str, engine: EngineConfig, device: str) -> dict:
         kw["max_model_len"] = engine.max_model_len
     if engine.max_num_seqs is not None:
         kw["max_num_seqs"] = engine.max_num_seqs
+    if engine.cudagraph_capture_sizes:
+        kw["compilation_config"] = {"cudagraph_capture_sizes": sorted(engine.cudagraph_capture_sizes)}
     return kw
 
 

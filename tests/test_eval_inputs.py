@@ -341,3 +341,14 @@ def test_sharded_weights_hashed_in_parallel_equal_hashlib(tmp_path):
     want = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
     assert info.weight_files == want and info.weights_sha256 == combined_sha256(want)
     assert info.record()["weight_files"] == want
+
+
+def test_engine_speed_knobs_reach_vllm_llm_kwargs():
+    from evaluator.generate import engine_kwargs
+
+    cfg = parse(["--model", "m", "--data", "d", "--out", "o", "--max-num-seqs", "512",
+                 "--cudagraph-capture-sizes", "512", "1", "256"])
+    kw = engine_kwargs("m", cfg.engine, "cuda")
+    assert kw["max_num_seqs"] == 512 and kw["compilation_config"] == {"cudagraph_capture_sizes": [1, 256, 512]}
+    plain = engine_kwargs("m", parse(["--model", "m", "--data", "d", "--out", "o"]).engine, "cuda")
+    assert "max_num_seqs" not in plain and "compilation_config" not in plain  # vLLM's defaults unless set
