@@ -1,14 +1,18 @@
 """`dolly-eval compare BASE_DIR TUNED_DIR --out DIR`: paired deltas between two runs.
 
 Each ROUGE F1 delta (tuned - base) is a mean over the same example ids, with a paired bootstrap interval
-and p-value (`evaluator.score.paired_bootstrap`), overall and per category. Two runs are comparable only
-when they scored the same test split (sha256) with the same effective sampling settings; anything else
-is refused (exit 2).
+and a paired sign-flip permutation p-value (`evaluator.score.paired_bootstrap`), overall and per category.
+Every (group, metric) cell is one test: (1 + categories) x 4 of them; `p_holm` is the Holm-Bonferroni
+adjusted p-value over that whole family and the report says how many tests it covers. Two runs are
+comparable only when they scored the same test split (sha256) with the same effective sampling settings
+and the same ROUGE setup; anything else is refused (exit 2).
 
-compare.json (schema_version 1):
+compare.json (schema_version 2):
     base, tuned          {path, model_path, weights_sha256}
-    test_sha256, sampling, scoring {resamples, seed, confidence, paired}   (scoring: compare's own options)
-    overall              {rouge1|rouge2|rougeL|rougeLsum: {base, tuned, delta, ci_low, ci_high, p_value, n}}
+    test_sha256, sampling, scoring {resamples, seed, confidence, paired, test, permutations, comparisons,
+                                    correction}   (compare's own options)
+    overall              {rouge1|rouge2|rougeL|rougeLsum: {base, tuned, delta, ci_low, ci_high, p_value,
+                                                          p_holm, n}}
     by_category          {category: same as overall}
 """
 
@@ -20,9 +24,10 @@ from pathlib import Path
 
 from evaluator.config import EvalInputError, ScoringConfig
 from evaluator.report import (atomic_dir, bar_chart, check_out_dir, read_jsonl, write_json, write_report)
-from evaluator.score import ROUGE_TYPES, average_over_seeds, paired_bootstrap
+from evaluator.score import ROUGE_TYPES, average_over_seeds, holm, paired_bootstrap
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+RUN_SCHEMA_VERSION = 2
 CHART = "compare.png"
 
 
@@ -38,8 +43,12 @@ def load_run(run_dir: str | Path) -> tuple[dict, dict[str, dict], dict[str, str]
         raise EvalInputError(f"{mpath}: missing (not a finished `dolly-eval run` output)") from None
     except json.JSONDecodeError as e:
         raise EvalInputError(f"{mpath}: not valid JSON ({e})") from e
-    if metrics.get("schema_version") != 1 or metrics.get("kind") != "dolly-eval/run":
-        raise EvalInputError(f"{mpath}: not a dolly-eval run metrics file with schema_version 1")
+    if metrics.get("kind") != "dolly-eval/run":
+        raise EvalInputError(f"{mpath}: not a dolly-eval run metrics file")
+    if metrics.get("schema_version") != RUN_SCHEMA_VERSION:
+        raise EvalInputError(f"{mpath}: schema_version {metrics.get('schema_version')}, expected "
+                             f"{RUN_SCHEMA_VERSION} (runs before it scored rougeLsum without sentence splitting: "
+                             f"run it again with this evaluator)")
     ppath = d / "predictions.jsonl"
     if not ppath.is_file():
         raise EvalInputError(f"{ppath}: missing")
@@ -55,6 +64,10 @@ def check_comparable(base: dict, tuned: dict, base_dir, tuned_dir) -> None:
     if base["sampling"] != tuned["sampling"]:
         raise EvalInputError(f"refusing to compare: different sampling settings: {base_dir} "
                              f"{json.dumps(base['sampling'])} vs {tuned_dir} {json.dumps(tuned['sampling'])}")
+    b_rouge, t_rouge = base.get("scoring", {}).get("rougeLsum"), tuned.get("scoring", {}).get("rougeLsum")
+    if b_rouge != t_rouge:
+        raise EvalInputError(f"refusing to compare: different ROUGE-Lsum sentence splitting: {base_dir} "
+                             f"{b_rouge!r} vs {tuned_dir} {t_rouge!r}")
     if base["data"].get("limit") != tuned["data"].get("limit"):
         raise EvalInputError(f"refusing to compare: {base_dir} used limit {base['data'].get('limit')}, "
                              f"{tuned_dir} used {tuned['data'].get('limit')}")
@@ -63,6 +76,14 @@ def check_comparable(base: dict, tuned: dict, base_dir, tuned_dir) -> None:
 def paired_table(base_scores: dict, tuned_scores: dict, ids: list[str], boot: tuple) -> dict:
     return {t: paired_bootstrap([base_scores[i][t]["f1"] for i in ids], [tuned_scores[i][t]["f1"] for i in ids], *boot)
             for t in ROUGE_TYPES}
+
+
+def add_holm(tables: list[dict]) -> int:
+    """Holm-adjust the p-values of every (group, metric) cell of `tables` as one family; returns its size."""
+    cells = [table[t] for table in tables for t in ROUGE_TYPES]
+    for cell, adjusted in zip(cells, holm([c["p_value"] for c in cells])):
+        cell["p_holm"] = adjusted
+    return len(cells)
 
 
 def compare(base_dir: str, tuned_dir: str, out_dir: str, scoring: ScoringConfig | None = None) -> dict:
@@ -74,7 +95,7 @@ def compare(base_dir: str, tuned_dir: str, out_dir: str, scoring: ScoringConfig 
         diff = sorted(set(base_scores) ^ set(tuned_scores))
         raise EvalInputError(f"refusing to compare: the runs scored different example ids (e.g. {diff[:3]})")
     sc = scoring or ScoringConfig()
-    boot = (sc.bootstrap_resamples, sc.bootstrap_seed, sc.confidence)
+    boot = (sc.bootstrap_resamples, sc.bootstrap_seed, sc.confidence, sc.permutations)
     ids = sorted(base_scores)
     by_cat: dict[str, list[str]] = defaultdict(list)
     for i in ids:
@@ -85,10 +106,12 @@ def compare(base_dir: str, tuned_dir: str, out_dir: str, scoring: ScoringConfig 
         "base": _side(base_dir, base), "tuned": _side(tuned_dir, tuned),
         "test_sha256": base["data"]["test_sha256"], "sampling": base["sampling"],
         "scoring": {"resamples": sc.bootstrap_resamples, "seed": sc.bootstrap_seed, "confidence": sc.confidence,
-                    "paired": True},
+                    "paired": True, "test": "paired sign-flip permutation, two-sided",
+                    "permutations": sc.permutations, "correction": "holm"},
         "overall": paired_table(base_scores, tuned_scores, ids, boot),
         "by_category": {c: paired_table(base_scores, tuned_scores, by_cat[c], boot) for c in sorted(by_cat)},
     }
+    result["scoring"]["comparisons"] = add_holm([result["overall"], *result["by_category"].values()])
     with atomic_dir(out) as tmp:
         groups = ["overall", *result["by_category"]]
         rows = {"overall": result["overall"], **result["by_category"]}
@@ -112,11 +135,21 @@ def table_rows(result: dict) -> list[list]:
         for t in ROUGE_TYPES:
             s = table[t]
             rows.append([group, t, s["n"], f"{s['base']:.4f}", f"{s['tuned']:.4f}", f"{s['delta']:+.4f}",
-                         f"[{s['ci_low']:+.4f}, {s['ci_high']:+.4f}]", f"{s['p_value']:.4f}"])
+                         f"[{s['ci_low']:+.4f}, {s['ci_high']:+.4f}]", f"{s['p_value']:.4f}", f"{s['p_holm']:.4f}"])
     return rows
 
 
-HEADER = ["group", "metric", "n", "base F1", "tuned F1", "delta", "CI", "p"]
+HEADER = ["group", "metric", "n", "base F1", "tuned F1", "delta", "CI", "p", "p (Holm)"]
+
+
+def tests_note(result: dict) -> str:
+    sc = result["scoring"]
+    groups = 1 + len(result["by_category"])
+    return (f"p: two-sided paired sign-flip permutation test ({sc['permutations']} permutations), one test per "
+            f"row: {sc['comparisons']} comparisons in all ({groups} groups (overall + {groups - 1} categories) x "
+            f"{len(ROUGE_TYPES)} metrics), not independent (the metrics are correlated and the overall row contains "
+            f"the categories). The p column is uncorrected; p (Holm) is Holm-Bonferroni adjusted over all "
+            f"{sc['comparisons']}, controlling the family-wise error rate.")
 
 
 def compare_blocks(result: dict) -> list[tuple]:
@@ -124,7 +157,8 @@ def compare_blocks(result: dict) -> list[tuple]:
         ("h", 1, "dolly-eval compare"),
         ("p", f"base {result['base']['model_path']} vs tuned {result['tuned']['model_path']}, test split sha256 "
               f"{result['test_sha256'][:12]}, sampling {json.dumps(result['sampling'])}; deltas are tuned - base, "
-              f"paired over example ids ({result['scoring']['resamples']} bootstrap resamples)."),
+              f"paired over example ids ({result['scoring']['resamples']} bootstrap resamples for the CI)."),
+        ("p", tests_note(result)),
         ("table", HEADER, table_rows(result)),
         ("img", CHART, "F1 delta by category"),
     ]
@@ -133,5 +167,5 @@ def compare_blocks(result: dict) -> list[tuple]:
 def format_table(result: dict) -> str:
     rows = [HEADER, *table_rows(result)]
     widths = [max(len(str(r[k])) for r in rows) for k in range(len(HEADER))]
-    return "\n".join("  ".join(str(c).ljust(w) if k < 2 else str(c).rjust(w) for k, (c, w) in enumerate(zip(r, widths)))
+    return tests_note(result) + "\n" + "\n".join("  ".join(str(c).ljust(w) if k < 2 else str(c).rjust(w) for k, (c, w) in enumerate(zip(r, widths)))
                      for r in rows)

@@ -34,6 +34,10 @@ def _f(default, help: str, minimum: float | None = None, maximum: float | None =
 @dataclass
 class EngineConfig:
     tensor_parallel_size: int = _f(1, "GPUs the model is sharded over (vLLM tensor parallelism).", minimum=1)
+    data_parallel_size: int = _f(1, "Independent engine copies, each on its own tensor_parallel_size GPUs "
+                                    "(CUDA_VISIBLE_DEVICES), each generating a contiguous share of the prompts; "
+                                    "outputs are merged back in order. Needs data x tensor parallel GPUs.",
+                                 minimum=1)
     dtype: str = _f("auto", "Weight/activation dtype: 'auto' takes the model's config (fp32 for the tiny model, "
                             "bf16 for Mistral-7B).", choices=("auto", "float32", "bfloat16", "float16"))
     max_model_len: int | None = _f(None, "Prompt + generation tokens per sequence (default: the model's "
@@ -47,6 +51,16 @@ class EngineConfig:
     enforce_eager: bool = _f(False, "Skip CUDA-graph capture / torch.compile: faster start, slower decode. "
                                     "Worth it for small test splits.")
     seed: int = _f(0, "Engine seed (vLLM's global RNG).", minimum=0)
+    max_num_seqs: int | None = _f(None, "Sequences vLLM decodes at once (default: vLLM's, 256 on large GPUs). More "
+                                        "= higher tokens/s on a GPU with KV-cache room to spare (a 7B on an H200), "
+                                        "at the cost of more CUDA graphs to capture at start.", minimum=1)
+    cudagraph_capture_sizes: list | None = _f(
+        None, "Batch sizes vLLM captures CUDA graphs for at engine start (compilation_config; default: vLLM's, "
+              "~50 sizes up to max_num_seqs). Fewer sizes = a shorter start; decode steps of other sizes are "
+              "padded up to the next captured one.")
+    cache_root: str | None = _f(None, "vLLM's cache folder (VLLM_CACHE_ROOT): its torch.compile artifacts make the "
+                                      "next engine start faster; put it on the shared volume. Default: "
+                                      "$VLLM_CACHE_ROOT, else ~/.cache/vllm.")
 
 
 @dataclass
@@ -82,6 +96,10 @@ class ScoringConfig:
     bootstrap_seed: int = _f(0, "Seed of the bootstrap's numpy generator (fixed so reports are reproducible).",
                              minimum=0)
     confidence: float = _f(0.95, "Confidence level of the intervals.", minimum=0.5, maximum=0.999)
+    permutations: int = _f(10000, "`compare`: sign-flip permutations of the paired test behind each p-value.",
+                           minimum=100)
+    workers: int = _f(0, "Processes that score ROUGE (0 = one per CPU core, at most 16); the scores are the "
+                         "same for any number.", minimum=0)
 
 
 @dataclass
@@ -90,13 +108,17 @@ class RunConfig:
     data: str = _f("", "Prepared data folder (`dolly-train prepare`): test.jsonl + manifest.json.")
     out: str = _f("", "Output folder; written to a temp folder and renamed into place.")
     limit: int | None = _f(None, "Evaluate only the first N test records (smoke runs).", minimum=1)
+    protocol: str = _f("none", "Declare a published protocol ('minillm': 500 examples, temperature 1, top-p 1, "
+                               "256 new tokens, 5 seeds; see evaluator/protocols.py): its settings are enforced "
+                               "and the report states which published figures the run is comparable to.",
+                       choices=("none", "minillm"))
     engine: EngineConfig = field(default_factory=EngineConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
 
 
 GROUPS = {"engine": EngineConfig, "sampling": SamplingConfig, "scoring": ScoringConfig}
-TOP_LEVEL = ("model", "data", "out", "limit")
+TOP_LEVEL = ("model", "data", "out", "limit", "protocol")
 GROUP_HELP = {
     "engine": "passed to vllm.LLM(...); YAML section `engine:`",
     "sampling": "passed to vllm.SamplingParams(...); YAML section `sampling:`",
@@ -209,6 +231,13 @@ def from_args(args: argparse.Namespace) -> RunConfig:
         raise EvalInputError("sampling.seeds: a sampled run (temperature > 0) needs at least one seed")
     if len(set(cfg.sampling.seeds)) != len(cfg.sampling.seeds):
         raise EvalInputError(f"sampling.seeds: duplicates in {cfg.sampling.seeds}")
+    if cfg.protocol != "none":
+        from evaluator.protocols import check_protocol
+
+        try:
+            check_protocol(cfg)
+        except EvalInputError as e:
+            raise EvalInputError(f"{args.config}: {e}" if args.config else str(e)) from e
     return cfg
 
 

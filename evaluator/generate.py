@@ -15,8 +15,10 @@ import hashlib
 import importlib.util
 import logging
 import os
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from evaluator.config import EngineConfig, SamplingConfig
 
@@ -42,6 +44,8 @@ class GenerationRun:
     device: str
     vllm_version: str
     engine_kwargs: dict
+    cache: dict = field(default_factory=dict)  # compile_cache(): VLLM_CACHE_ROOT and cold/warm before the start
+    data_parallel: list = field(default_factory=list)  # per engine (data parallel only): start s, generate s, n
 
     def throughput(self) -> dict:
         tokens = sum(len(g.token_ids) for g in self.generations)
@@ -72,6 +76,10 @@ def engine_kwargs(model_dir: str, engine: EngineConfig, device: str) -> dict:
           "seed": engine.seed}
     if engine.max_model_len is not None:
         kw["max_model_len"] = engine.max_model_len
+    if engine.max_num_seqs is not None:
+        kw["max_num_seqs"] = engine.max_num_seqs
+    if engine.cudagraph_capture_sizes:
+        kw["compilation_config"] = {"cudagraph_capture_sizes": sorted(engine.cudagraph_capture_sizes)}
     return kw
 
 
@@ -101,31 +109,62 @@ def request_seed(seed: int, example_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{example_id}".encode()).digest()[:4], "little")
 
 
-def generate(model_dir: str, prompt_ids: list[list[int]], example_ids: list[str], eos_id: int, engine: EngineConfig,
-             sampling: SamplingConfig) -> GenerationRun:
-    import vllm
-    from vllm.inputs import TokensPrompt
+def compile_cache(engine: EngineConfig) -> dict:
+    """Point vLLM at its cache folder (`engine.cache_root`, else $VLLM_CACHE_ROOT, else ~/.cache/vllm) and say
+    whether its torch.compile cache already holds artifacts (a 'warm' start) before the engine starts."""
+    if engine.cache_root:
+        os.environ["VLLM_CACHE_ROOT"] = str(Path(engine.cache_root).expanduser().resolve())
+    root = Path(os.environ.get("VLLM_CACHE_ROOT") or Path.home() / ".cache" / "vllm").expanduser()
+    compiled = root / "torch_compile_cache"
+    warm = compiled.is_dir() and any(compiled.iterdir())
+    return {"root": str(root), "torch_compile_cache": "warm" if warm else "cold"}
 
+
+@dataclass
+class Engine:
+    llm: object
+    start_s: float
+    device: str
+    vllm_version: str
+    kwargs: dict
+    cache: dict
+
+
+def start_engine(model_dir: str, engine: EngineConfig) -> Engine:
+    import vllm
+
+    cache = compile_cache(engine)
     device = _device()
     kwargs = engine_kwargs(model_dir, engine, device)
-    log.info("starting vLLM %s on %s: %s", vllm.__version__, device, kwargs)
+    log.info("starting vLLM %s on %s (cache %s): %s", vllm.__version__, device, cache, kwargs)
     t0 = time.perf_counter()
     llm = vllm.LLM(**kwargs)
-    started = time.perf_counter() - t0
+    return Engine(llm, time.perf_counter() - t0, device, vllm.__version__, kwargs, cache)
+
+
+def requests(prompt_ids: list[list[int]], example_ids: list[str], eos_id: int, sampling: SamplingConfig):
+    """The (prompts, params) lists `LLM.generate` gets: every prompt once per seed, seed-major."""
+    from vllm.inputs import TokensPrompt
 
     seeds = sampling.run_seeds()
     prompts = [TokensPrompt(prompt_token_ids=ids) for _ in seeds for ids in prompt_ids]
-    params = [sampling_params(sampling, eos_id, None if s is None else request_seed(s, i))
-              for s in seeds for i in example_ids]
+    if sampling.greedy:  # nothing differs between requests: one SamplingParams for all, as a plain call would pass
+        return prompts, sampling_params(sampling, eos_id, None)
+    params = [sampling_params(sampling, eos_id, request_seed(s, i)) for s in seeds for i in example_ids]
+    return prompts, params
+
+
+def generate_with(llm, prompt_ids: list[list[int]], example_ids: list[str], eos_id: int,
+                  sampling: SamplingConfig) -> tuple[list[Generation], float]:
+    """One `LLM.generate` call on a started engine: (generations in request order, seconds)."""
+    seeds = sampling.run_seeds()
+    prompts, params = requests(prompt_ids, example_ids, eos_id, sampling)
     log.info("generating %d prompts x %d seed(s), up to %d new tokens each",
              len(prompt_ids), len(seeds), sampling.max_new_tokens)
     t0 = time.perf_counter()
-    try:
-        outputs = llm.generate(prompts, params, use_tqdm=True)
-        elapsed = time.perf_counter() - t0
-    finally:
-        shutdown(llm)
-
+    # A progress bar on a terminal only: in a Job's log it is noise.
+    outputs = llm.generate(prompts, params, use_tqdm=sys.stderr.isatty())
+    elapsed = time.perf_counter() - t0
     gens = []
     for k, out in enumerate(outputs):  # vLLM returns outputs in request order
         seed, i = seeds[k // len(prompt_ids)], k % len(prompt_ids)
@@ -133,4 +172,24 @@ def generate(model_dir: str, prompt_ids: list[list[int]], example_ids: list[str]
             raise RuntimeError(f"vLLM output {k} is for a different prompt than request {k}")
         c = out.outputs[0]
         gens.append(Generation(i, seed, list(c.token_ids), c.finish_reason))
-    return GenerationRun(gens, started, elapsed, device, vllm.__version__, kwargs)
+    return gens, elapsed
+
+
+def generate(model_dir: str, prompt_ids: list[list[int]], example_ids: list[str], eos_id: int, engine: EngineConfig,
+             sampling: SamplingConfig, started: Engine | None = None) -> GenerationRun:
+    """Start an engine (or use `started`, which the caller then shuts down), generate, stop it.
+
+    engine.data_parallel_size > 1 hands the work to `evaluator.parallel` (one engine process per GPU)."""
+    if engine.data_parallel_size > 1 and started is None:
+        from evaluator.parallel import generate_data_parallel
+
+        return generate_data_parallel(model_dir, prompt_ids, example_ids, eos_id, engine, sampling)
+    own = started is None
+    eng = start_engine(model_dir, engine) if own else started
+    try:
+        gens, elapsed = generate_with(eng.llm, prompt_ids, example_ids, eos_id, sampling)
+    finally:
+        if own:
+            shutdown(eng.llm)
+    return GenerationRun(gens, eng.start_s if own else 0.0, elapsed, eng.device, eng.vllm_version, eng.kwargs,
+                         eng.cache)

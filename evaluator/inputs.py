@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,10 +33,22 @@ class ModelInfo:
     path: Path
     vocab_size: int
     max_position_embeddings: int | None
-    weight_files: dict[str, str]  # name -> sha256
+    weight_files: dict[str, str]  # name -> sha256 (empty until `hash_weights` ran)
     weights_sha256: str  # sha256 over the sorted "name sha256" lines: one id for a sharded checkpoint
     tokenizer_file: str
     tokenizer_sha256: str
+    weight_paths: tuple = ()
+
+    def hash_weights(self) -> float:
+        """Fill in the weight hashes; returns the seconds it took. Runs in a thread beside the engine start
+        (`dolly-eval run`): hashlib releases the GIL, and the files are read again by vLLM anyway."""
+        t0 = time.perf_counter()
+        # one thread per shard (a 7B checkpoint has 3): sha256 runs at ~1-2 GB/s per core
+        with ThreadPoolExecutor(max_workers=max(1, min(8, len(self.weight_paths)))) as pool:
+            digests = list(pool.map(sha256_file, self.weight_paths))
+        self.weight_files = {p.name: h for p, h in zip(self.weight_paths, digests)}
+        self.weights_sha256 = combined_sha256(self.weight_files)
+        return time.perf_counter() - t0
 
     def record(self) -> dict:
         return {"path": str(self.path), "vocab_size": self.vocab_size, "weights_sha256": self.weights_sha256,
@@ -66,7 +80,13 @@ def _weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def check_model(model_dir: str | Path) -> tuple[ModelInfo, PromptEncoder]:
+def combined_sha256(hashes: dict[str, str]) -> str:
+    return hashlib.sha256("".join(f"{n} {h}\n" for n, h in sorted(hashes.items())).encode()).hexdigest()
+
+
+def check_model(model_dir: str | Path, hash_weights: bool = True) -> tuple[ModelInfo, PromptEncoder]:
+    """Cheap checks of the model folder; the weight hashes too unless `hash_weights` is False (then the
+    caller runs `ModelInfo.hash_weights` later, e.g. beside the engine start)."""
     d = Path(model_dir).resolve()
     if not d.is_dir():
         raise EvalInputError(f"--model {model_dir}: no such directory")
@@ -83,10 +103,10 @@ def check_model(model_dir: str | Path) -> tuple[ModelInfo, PromptEncoder]:
             f"{encoder.model_file}: tokenizer has {encoder.vocab_size} pieces but {d / 'config.json'} "
             f"vocab_size is {vocab}: this tokenizer does not belong to this model")
     files = _weight_files(d)
-    hashes = {p.name: sha256_file(p) for p in files}
-    combined = hashlib.sha256("".join(f"{n} {h}\n" for n, h in sorted(hashes.items())).encode()).hexdigest()
     tok = find_tokenizer_model(d)
-    info = ModelInfo(d, vocab, config.get("max_position_embeddings"), hashes, combined, tok.name, sha256_file(tok))
+    info = ModelInfo(d, vocab, config.get("max_position_embeddings"), {}, "", tok.name, sha256_file(tok), tuple(files))
+    if hash_weights:
+        info.hash_weights()
     return info, encoder
 
 
@@ -101,7 +121,10 @@ class TestSplit:
         tok = self.manifest.get("tokenizer") or {}
         return {"path": str(self.path.parent), "test_file": self.path.name, "test_sha256": self.sha256,
                 "num_records": len(self.records), "manifest_source": self.manifest.get("source"),
-                "manifest_tokenizer_sha256": tok.get("sha256") if isinstance(tok, dict) else None}
+                "manifest_tokenizer_sha256": tok.get("sha256") if isinstance(tok, dict) else None,
+                # prepare's training length cap and how many test records exceed it (kept: split before the cap)
+                "manifest_max_length": self.manifest.get("max_length"),
+                "manifest_test_longer_than_max_length": self.manifest.get("test_longer_than_max_length")}
 
 
 def _check_record(path: Path, lineno: int, obj) -> dict:
@@ -157,11 +180,39 @@ def read_test_split(data_dir: str | Path) -> TestSplit:
     return TestSplit(path, digest, manifest, records)
 
 
-def check_lengths(records: list[dict], prompt_ids: list[list[int]], max_model_len: int | None, path: Path) -> None:
-    """vLLM rejects a prompt that leaves no room to generate; say which record before the engine starts."""
+def fit_prompts(records: list[dict], encoder: PromptEncoder, max_model_len: int | None, max_new_tokens: int,
+                path: Path) -> tuple[list[list[int]], list[dict]]:
+    """Prompt ids for every record, each leaving room for `max_new_tokens` within `max_model_len`.
+
+    A prompt that does not fit keeps its whole instruction and loses the end of its context passage (the
+    longest prefix, in characters, whose prompt fits): the test split keeps every record, whatever the
+    training length cap was, and each truncation is counted in metrics.json. A record whose instruction
+    alone does not fit is an error naming it (raise --max-model-len or lower --max-new-tokens).
+    Returns (prompt ids, [{id, line, prompt_tokens, kept_tokens, context_chars, kept_context_chars}])."""
+    prompt_ids = encoder.encode_prompts(records)
     if max_model_len is None:
-        return
+        return prompt_ids, []
+    budget = max_model_len - max_new_tokens
+    truncated = []
     for lineno, (rec, ids) in enumerate(zip(records, prompt_ids), start=1):
-        if len(ids) >= max_model_len:
-            raise EvalInputError(f"{path}:{lineno}: id {rec['id']!r} has a {len(ids)}-token prompt, not below "
-                                 f"max_model_len {max_model_len} (raise --max-model-len)")
+        if len(ids) <= budget:
+            continue
+        context = rec["context"].strip()
+        bare = encoder.encode_prompt(rec["instruction"], "")
+        if not context or len(bare) > budget:
+            raise EvalInputError(
+                f"{path}:{lineno}: id {rec['id']!r} has a {len(ids)}-token prompt ({len(bare)} without its context); "
+                f"max_model_len {max_model_len} - max_new_tokens {max_new_tokens} leaves {budget} "
+                f"(raise --max-model-len or lower --max-new-tokens)")
+        lo, hi = 0, len(context)  # the longest context prefix whose prompt fits: lo fits, hi does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if len(encoder.encode_prompt(rec["instruction"], context[:mid])) <= budget:
+                lo = mid
+            else:
+                hi = mid
+        prompt_ids[lineno - 1] = encoder.encode_prompt(rec["instruction"], context[:lo])
+        truncated.append({"id": rec["id"], "line": lineno, "prompt_tokens": len(ids),
+                          "kept_tokens": len(prompt_ids[lineno - 1]), "context_chars": len(context),
+                          "kept_context_chars": lo})
+    return prompt_ids, truncated

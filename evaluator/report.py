@@ -178,6 +178,9 @@ def run_blocks(metrics: dict, rows: list[dict], chart: str) -> list[tuple]:
          [[c, s["rougeL"]["f1"]["n"], *[fmt_ci(s[t]["f1"], 3) for t in ROUGE_TYPES]]
           for c, s in metrics["by_category"].items()]),
         ("img", chart, "F1 by category"),
+        ("p", f"ROUGE as rouge-score computes it (stemming on). rougeLsum is scored one sentence per line "
+              f"({metrics['scoring'].get('rougeLsum', 'newline-separated')}); rougeL ignores line breaks."),
+        ("p", _truncation_note(metrics["data"])),
         ("h", 2, "Generation"),
         ("table", ["quantity", "value"], [
             ["finish reasons", json.dumps(g["finish_reasons"])],
@@ -191,10 +194,45 @@ def run_blocks(metrics: dict, rows: list[dict], chart: str) -> list[tuple]:
              f"{g['throughput']['engine_start_seconds']:.1f} / {g['throughput']['generate_seconds']:.2f}"],
         ]),
     ]
+    if "timings" in metrics:
+        blocks += timing_blocks(metrics)
+    if "protocol" in metrics:
+        blocks.insert(2, ("p", metrics["protocol"]["statement"]))
     ranked = sorted(rows, key=lambda r: (r["scores"]["rougeL"]["f1"], r["id"]))
     blocks += [("h", 2, "Best examples (ROUGE-L F1)")] + _example_blocks(ranked[::-1][:EXAMPLES_SHOWN], "best")
     blocks += [("h", 2, "Worst examples (ROUGE-L F1)")] + _example_blocks(ranked[:EXAMPLES_SHOWN], "worst")
     return blocks
+
+
+PHASES = (("inputs_seconds", "input checks + prompt ids"), ("vllm_import_seconds", "import vLLM"),
+          ("hash_seconds", "weight hashing (background, beside the engine start)"),
+          ("engine_start_seconds", "engine start"),
+          ("background_wait_seconds", "waited for background work after the engine start"),
+          ("generate_seconds", "generate"), ("score_seconds", "ROUGE scoring + statistics"),
+          ("report_seconds", "predictions + chart"), ("total_seconds", "total (this run, before the report pages)"))
+
+
+def timing_blocks(metrics: dict) -> list[tuple]:
+    t, cache = metrics["timings"], metrics["engine"].get("cache") or {}
+    note = (f"Scoring ran in {t['scoring_workers']} process(es); weight hashing, matplotlib's import and the "
+            f"scoring workers' start ran beside the engine start. vLLM cache {cache.get('root', '?')}: torch.compile cache "
+            f"{cache.get('torch_compile_cache', '?')} at engine start.")
+    return [("h", 2, "Time by phase"),
+            ("table", ["phase", "seconds"], [[label, f"{t[k]:.2f}"] for k, label in PHASES if k in t]),
+            ("p", note)]
+
+
+def _truncation_note(data: dict) -> str:
+    cut = data.get("prompts_truncated") or {}
+    over = data.get("manifest_test_longer_than_max_length")
+    split = ("" if over is None else
+             f"The test split was made before prepare's {data.get('manifest_max_length')}-token training cap, so it "
+             f"keeps its {over} example(s) longer than that. ")
+    if not cut.get("count"):
+        return split + "Every test prompt was used whole (none longer than max_model_len - max_new_tokens)."
+    return split + (f"{cut['count']} test prompt(s) were longer than {cut['max_prompt_tokens']} tokens (max_model_len - "
+            f"max_new_tokens): their context passage was cut to fit, the instruction kept whole; they stay in the "
+            f"test set (listed in metrics.json data.prompts_truncated).")
 
 
 def _stats(s: dict) -> str:

@@ -119,7 +119,9 @@ def test_duplicates_share_an_id_and_are_dropped(tmp_path, tok):
     assert kept[record_id(GOOD[5])]["source_index"] == 6
 
 
-def test_over_long_examples_are_dropped_and_counted(tmp_path, tok):
+def test_over_long_examples_are_dropped_from_training_and_counted(tmp_path, tok):
+    """The cap applies to train/validation after the split: over-long examples there are dropped and counted
+    per split; the test split keeps its over-long records (counted), whatever the cap."""
     records = generate(200, seed=4, profile="dolly")
     lengths = [len(e.input_ids) for e in PromptEncoder(tok).encode_examples(records)]
     # a limit that some record meets exactly and another just exceeds: the boundary is "longer than", in tokens
@@ -129,15 +131,33 @@ def test_over_long_examples_are_dropped_and_counted(tmp_path, tok):
     assert 20 < len(too_long) < 180
     src = write_lines(tmp_path / "d.jsonl", records)
     m = prepare(source="jsonl", path=src, out=tmp_path / "out", tokenizer=tok, max_length=max_length)
-    assert m["dropped_too_long"] == len(too_long)
-    kept = [r for s in SPLITS for r in read_jsonl(tmp_path / "out" / f"{s}.jsonl")]
-    assert len(kept) == 200 - len(too_long) and not too_long & {r["id"] for r in kept}
+    train_val = [r for s in ("train", "validation") for r in read_jsonl(tmp_path / "out" / f"{s}.jsonl")]
+    test = read_jsonl(tmp_path / "out" / "test.jsonl")
+    assert not too_long & {r["id"] for r in train_val}
+    test_over = too_long & {r["id"] for r in test}
+    assert m["dropped_too_long"] == len(too_long) - len(test_over) == sum(m["dropped_too_long_by_split"].values())
+    assert m["test_longer_than_max_length"] == len(test_over)
+    assert len(train_val) + len(test) == 200 - m["dropped_too_long"]
+    assert m["counts"]["test"]["total"] == len(test) == 20  # the default 10%, independent of the cap
     import datasets
 
     train = datasets.load_from_disk(str(tmp_path / "out" / "tokenized" / "train"))
     assert max(len(x) for x in train["input_ids"]) <= max_length
     exact = {record_id(r) for r, n in zip(records, lengths) if n == max_length}
-    assert exact and exact <= {r["id"] for r in kept}
+    assert exact and exact <= {r["id"] for r in train_val + test}
+
+
+def test_test_split_does_not_depend_on_the_length_cap(tmp_path, tok):
+    """Same records and seed, caps of 96 and 4096 tokens: byte-identical test.jsonl, with its over-long share
+    kept (before the fix, a cap dropped the long records before the split and shifted the test set short)."""
+    records = generate(300, seed=5, profile="dolly")
+    src = write_lines(tmp_path / "d.jsonl", records)
+    short = prepare(source="jsonl", path=src, out=tmp_path / "short", tokenizer=tok, max_length=96)
+    long = prepare(source="jsonl", path=src, out=tmp_path / "long", tokenizer=tok, max_length=4096)
+    assert (tmp_path / "short" / "test.jsonl").read_bytes() == (tmp_path / "long" / "test.jsonl").read_bytes()
+    assert short["splits"]["test"]["sha256"] == long["splits"]["test"]["sha256"]
+    assert short["test_longer_than_max_length"] > 0 and long["test_longer_than_max_length"] == 0
+    assert short["dropped_too_long_by_split"]["train"] > 0 and long["dropped_too_long"] == 0
 
 
 def test_split_is_deterministic_and_independent_of_input_order(tmp_path, tok):

@@ -13,7 +13,7 @@ import pytest
 from evaluator.cli import main
 from evaluator.config import SamplingConfig
 from evaluator.report import write_json, write_jsonl
-from evaluator.score import ROUGE_TYPES, score_pairs
+from evaluator.score import ROUGE_TYPES, SENTENCE_SPLITTER, score_pairs
 
 CATEGORIES = ("open_qa", "closed_qa", "summarization")
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau".split()
@@ -31,17 +31,18 @@ def degrade(refs: list[str], keep: float, seed: int) -> list[str]:
 
 
 def write_run(path: Path, refs: list[str], preds: list[str], test_sha: str = "a" * 64,
-              sampling: dict | None = None) -> Path:
+              sampling: dict | None = None, schema_version: int = 2, lsum: str = SENTENCE_SPLITTER) -> Path:
     """A run folder as `dolly-eval run` writes it (the fields compare reads), scored by rouge-score."""
     path.mkdir(parents=True)
     rows = [{"id": f"dolly-{i:012x}", "category": CATEGORIES[i % 3], "seed": None, "reference": r, "prediction": p,
              "scores": s} for i, (r, p, s) in enumerate(zip(refs, preds, score_pairs(refs, preds)))]
     write_jsonl(path / "predictions.jsonl", rows)
     write_json(path / "metrics.json", {
-        "schema_version": 1, "kind": "dolly-eval/run",
+        "schema_version": schema_version, "kind": "dolly-eval/run",
         "model": {"path": str(path / "model"), "weights_sha256": "b" * 64},
         "data": {"test_sha256": test_sha, "limit": None},
         "sampling": sampling or SamplingConfig().effective(),
+        "scoring": {"rougeLsum": lsum},
     })
     return path
 
@@ -53,11 +54,11 @@ def test_identical_runs_give_zero_deltas(tmp_path, capsys):
     tuned = write_run(tmp_path / "tuned", refs, preds)
     assert main(["compare", str(base), str(tuned), "--out", str(tmp_path / "cmp")]) == 0
     result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
-    assert result["schema_version"] == 1 and result["scoring"]["paired"] is True
+    assert result["schema_version"] == 2 and result["scoring"]["paired"] is True
     for table in [result["overall"], *result["by_category"].values()]:
         for t in ROUGE_TYPES:
             assert table[t]["delta"] == 0.0 and table[t]["ci_low"] == 0.0 and table[t]["ci_high"] == 0.0
-            assert table[t]["p_value"] == 1.0
+            assert table[t]["p_value"] == 1.0 and table[t]["p_holm"] == 1.0
     assert sorted(result["by_category"]) == sorted(CATEGORIES)
     assert result["overall"]["rougeL"]["n"] == 60 and result["by_category"]["open_qa"]["rougeL"]["n"] == 20
     for name in ("compare.md", "compare.html", "compare.png"):
@@ -96,6 +97,8 @@ def test_better_run_has_positive_delta_with_ci_and_p_value(tmp_path):
     ({"test_sha": "c" * 64}, "different test splits"),
     ({"sampling": {**SamplingConfig().effective(), "max_new_tokens": 16}}, "different sampling settings"),
     ({"sampling": SamplingConfig(temperature=0.7).effective()}, "different sampling settings"),
+    ({"lsum": "newline-separated only"}, "different ROUGE-Lsum sentence splitting"),
+    ({"schema_version": 1}, "schema_version 1, expected 2"),
 ])
 def test_refuses_incomparable_runs(tmp_path, capsys, change, needle):
     refs = references(12)
@@ -116,3 +119,23 @@ def test_refuses_missing_or_unfinished_runs(tmp_path, capsys):
     assert main(["compare", str(base), str(tmp_path / "half"), "--out", str(tmp_path / "cmp")]) == 2
     assert "metrics.json: missing" in capsys.readouterr().err
     assert not (tmp_path / "cmp").exists()
+
+
+def test_report_counts_the_comparisons_and_holm_adjusts_them(tmp_path, capsys):
+    refs = references(90)
+    base = write_run(tmp_path / "base", refs, degrade(refs, 0.5, seed=1))
+    tuned = write_run(tmp_path / "tuned", refs, degrade(refs, 0.7, seed=2))
+    assert main(["compare", str(base), str(tuned), "--out", str(tmp_path / "cmp"), "--permutations", "2000"]) == 0
+    result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    sc = result["scoring"]
+    # overall + 3 categories, x 4 metrics
+    assert sc["comparisons"] == (1 + len(CATEGORIES)) * len(ROUGE_TYPES) == 16
+    assert sc["permutations"] == 2000 and sc["correction"] == "holm" and "permutation" in sc["test"]
+    cells = [table[t] for table in [result["overall"], *result["by_category"].values()] for t in ROUGE_TYPES]
+    for c in cells:
+        assert c["p_value"] <= c["p_holm"] <= 1.0
+    smallest = min(cells, key=lambda c: c["p_value"])
+    assert smallest["p_holm"] == pytest.approx(min(1.0, 16 * smallest["p_value"]))
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "16 comparisons" in md and "uncorrected" in md and "Holm" in md
+    assert "16 comparisons" in capsys.readouterr().out

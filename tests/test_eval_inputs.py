@@ -205,3 +205,150 @@ def test_required_options_and_help(capsys):
     for flag in ("--tensor-parallel-size", "--gpu-memory-utilization", "--max-new-tokens", "--seeds", "--config",
                  "--bootstrap-resamples", "engine options", "sampling options"):
         assert flag in text
+
+
+# ---- over-long test prompts: the context is cut to fit, counted -------------------------------------
+
+
+def test_fit_prompts_cuts_the_context_of_an_over_long_prompt(tiny_model_dir, tmp_path):
+    from evaluator.inputs import fit_prompts
+    from trainer.prompt import PromptEncoder
+
+    enc = PromptEncoder(tiny_model_dir)
+    long_ctx = " ".join(f"Sentence {k} of a long passage about the tower." for k in range(60))
+    records = [RECORDS[0], {**RECORDS[1], "context": long_ctx}, RECORDS[2]]
+    full = enc.encode_prompts(records)
+    max_model_len, new = 200, 64
+    budget = max_model_len - new
+    assert len(full[1]) > budget >= max(len(full[0]), len(full[2]))
+    ids, cut = fit_prompts(records, enc, max_model_len, new, tmp_path / "test.jsonl")
+    assert ids[0] == full[0] and ids[2] == full[2]  # the others are untouched
+    assert len(ids[1]) <= budget
+    [c] = cut
+    assert c["id"] == RECORDS[1]["id"] and c["line"] == 2 and c["prompt_tokens"] == len(full[1])
+    kept = c["kept_context_chars"]
+    assert 0 < kept < c["context_chars"] == len(long_ctx)
+    assert ids[1] == enc.encode_prompt(RECORDS[1]["instruction"], long_ctx[:kept])
+    assert len(enc.encode_prompt(RECORDS[1]["instruction"], long_ctx[: kept + 1])) > budget  # the longest that fits
+    assert fit_prompts(records, enc, None, new, tmp_path / "t")[1] == []  # no max_model_len: nothing to fit
+
+
+def test_fit_prompts_refuses_an_instruction_that_cannot_fit(tiny_model_dir, tmp_path):
+    from evaluator.inputs import fit_prompts
+    from trainer.prompt import PromptEncoder
+
+    with pytest.raises(EvalInputError, match=r"test.jsonl:1: id 'dolly-000000000001'.*raise --max-model-len"):
+        fit_prompts(RECORDS, PromptEncoder(tiny_model_dir), 70, 64, tmp_path / "test.jsonl")
+
+
+# ---- the published-protocol preset, the compile cache -----------------------------------------------
+
+
+def test_minillm_protocol_preset_loads_and_is_enforced(repo):
+    preset = repo / "evaluator" / "configs" / "protocols" / "minillm-h200.yaml"
+    cfg = parse(["--config", str(preset), "--model", "m", "--data", "d", "--out", "o"])
+    assert cfg.protocol == "minillm" and cfg.limit == 500 and not cfg.sampling.greedy
+    assert (cfg.sampling.temperature, cfg.sampling.top_p, cfg.sampling.max_new_tokens) == (1.0, 1.0, 256)
+    assert len(cfg.sampling.seeds) == 5
+    with pytest.raises(EvalInputError, match="protocol minillm: sampling.temperature must be 1.0, got 0.7"):
+        parse(["--config", str(preset), "--model", "m", "--data", "d", "--out", "o", "--temperature", "0.7"])
+    with pytest.raises(EvalInputError, match="number of sampling.seeds must be 5, got 3"):
+        parse(["--config", str(preset), "--model", "m", "--data", "d", "--out", "o", "--seeds", "1", "2", "3"])
+    # the default stays greedy with no protocol
+    assert parse(["--model", "m", "--data", "d", "--out", "o"]).protocol == "none"
+
+
+def test_protocol_record_states_comparability():
+    from evaluator.protocols import protocol_record
+
+    metrics = {"per_seed": {str(s): {"rougeL": 0.25 + 0.01 * k} for k, s in enumerate((10, 20, 30, 40, 50))}}
+    rec = protocol_record("minillm", metrics)
+    assert rec["rougeL_x100"] == pytest.approx(27.0)
+    assert rec["rougeL_x100_per_seed"] == pytest.approx([25, 26, 27, 28, 29])
+    assert "26.3" in rec["statement"] and "31.6" in rec["statement"] and "comparable" in rec["statement"]
+
+
+def test_protocol_needs_500_test_records(tmp_path, tiny_model_dir, data_dir, capsys, repo):
+    preset = repo / "evaluator" / "configs" / "protocols" / "minillm-h200.yaml"
+    assert_fails(capsys, tiny_model_dir, data_dir, tmp_path / "out", "protocol minillm needs 500 test records",
+                 extra=("--config", str(preset)))
+
+
+def test_cache_root_sets_vllm_cache_root(tmp_path, monkeypatch):
+    from evaluator.config import EngineConfig
+    from evaluator.generate import compile_cache
+
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "from-env"))
+    assert compile_cache(EngineConfig()) == {"root": str(tmp_path / "from-env"), "torch_compile_cache": "cold"}
+    root = tmp_path / "vol" / "vllm"
+    (root / "torch_compile_cache" / "abc").mkdir(parents=True)
+    assert compile_cache(EngineConfig(cache_root=str(root))) == {"root": str(root), "torch_compile_cache": "warm"}
+    import os
+
+    assert os.environ["VLLM_CACHE_ROOT"] == str(root)  # what the engine process inherits
+    assert parse(["--model", "m", "--data", "d", "--out", "o", "--cache-root", "/c"]).engine.cache_root == "/c"
+
+
+def test_report_shows_phases_truncation_and_protocol(tiny_model_dir, tmp_path):
+    """metrics.json -> report blocks through the real build_metrics/prediction_rows, with generations made up
+    (no engine): the protocol statement, the time by phase and the truncation count are in the report."""
+    from evaluator.config import RunConfig, SamplingConfig
+    from evaluator.generate import Generation, GenerationRun
+    from evaluator.inputs import ModelInfo, TestSplit
+    from evaluator.report import run_blocks, to_markdown
+    from evaluator.run import build_metrics, prediction_rows, summary_table
+    from trainer.prompt import PromptEncoder
+
+    enc = PromptEncoder(tiny_model_dir)
+    seeds = [10, 20, 30, 40, 50]
+    cfg = RunConfig(model="m", data="d", out="o", limit=500, protocol="minillm",
+                    sampling=SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=256, seeds=seeds))
+    records = RECORDS
+    prompt_ids = enc.encode_prompts(records)
+    gens = [Generation(i, s, enc.sp.encode(r["response"] if k % 2 else "something else") + [enc.eos_id], "stop")
+            for k, s in enumerate(seeds) for i, r in enumerate(records)]
+    gen_run = GenerationRun(gens, 12.0, 3.0, "cpu", "0.0", {"model": "m"}, {"root": "/c", "torch_compile_cache": "warm"})
+    model = ModelInfo(tiny_model_dir, enc.vocab_size, 2048, {"model.safetensors": "0" * 64}, "1" * 64,
+                      "tokenizer.model", "2" * 64)
+    split = TestSplit(tmp_path / "test.jsonl", "3" * 64, {"max_length": 512, "test_longer_than_max_length": 2},
+                      records)
+    rows = prediction_rows(records, prompt_ids, gen_run, enc, workers=1)
+    cut = {"count": 1, "max_prompt_tokens": 3840, "examples": [{"id": RECORDS[1]["id"]}]}
+    m = build_metrics(cfg, model, split, records, prompt_ids, gen_run, rows, cut)
+    m["timings"] = {"scoring_workers": 2, "hash_in_background": True, "hash_seconds": 1.5,
+                    "engine_start_seconds": 12.0, "generate_seconds": 3.0, "score_seconds": 0.5,
+                    "report_seconds": 0.25, "total_seconds": 18.0}
+    assert m["protocol"]["rougeL_x100"] == pytest.approx(100 * m["overall"]["rougeL"]["f1"]["mean"])
+    md = to_markdown(run_blocks(m, rows, "by_category.png"))
+    assert "MiniLLM Dolly protocol" in md and "26.3" in md and "31.6" in md and "comparable" in md
+    assert "Time by phase" in md and "| engine start | 12.00 |" in md and "torch.compile cache warm" in md
+    assert "1 test prompt(s) were longer than 3840 tokens" in md
+    assert "made before prepare's 512-token training cap, so it keeps its 2 example(s)" in md
+    assert "one sentence per line" in md
+    assert "MiniLLM Dolly protocol" in summary_table(m) and "engine start 12.0" in summary_table(m)
+
+
+def test_sharded_weights_hashed_in_parallel_equal_hashlib(tmp_path):
+    from evaluator.inputs import ModelInfo, combined_sha256
+
+    paths = []
+    for k in range(3):
+        f = tmp_path / f"model-0000{k + 1}-of-00003.safetensors"
+        f.write_bytes(bytes([k]) * (1 << 20) * (k + 1))
+        paths.append(f)
+    info = ModelInfo(tmp_path, 1, None, {}, "", "tokenizer.model", "0" * 64, tuple(paths))
+    assert info.hash_weights() >= 0
+    want = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+    assert info.weight_files == want and info.weights_sha256 == combined_sha256(want)
+    assert info.record()["weight_files"] == want
+
+
+def test_engine_speed_knobs_reach_vllm_llm_kwargs():
+    from evaluator.generate import engine_kwargs
+
+    cfg = parse(["--model", "m", "--data", "d", "--out", "o", "--max-num-seqs", "512",
+                 "--cudagraph-capture-sizes", "512", "1", "256"])
+    kw = engine_kwargs("m", cfg.engine, "cuda")
+    assert kw["max_num_seqs"] == 512 and kw["compilation_config"] == {"cudagraph_capture_sizes": [1, 256, 512]}
+    plain = engine_kwargs("m", parse(["--model", "m", "--data", "d", "--out", "o"]).engine, "cuda")
+    assert "max_num_seqs" not in plain and "compilation_config" not in plain  # vLLM's defaults unless set

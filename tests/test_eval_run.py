@@ -14,7 +14,7 @@ import pytest
 from rouge_score import rouge_scorer
 
 from evaluator.cli import main
-from evaluator.score import ROUGE_TYPES
+from evaluator.score import ROUGE_TYPES, sentence_lines
 from trainer.prompt import PromptEncoder
 
 pytestmark = pytest.mark.slow
@@ -72,7 +72,7 @@ def test_run_writes_reports_with_provenance(run_dir, eval_model, synthetic_data_
     assert (out / "by_category.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.parent.glob(".base.tmp-*"))
     m = json.loads((out / "metrics.json").read_text())
-    assert m["schema_version"] == 1 and m["kind"] == "dolly-eval/run"
+    assert m["schema_version"] == 2 and m["kind"] == "dolly-eval/run"
     manifest = json.loads((synthetic_data_dir / "manifest.json").read_text())
     assert m["data"]["test_sha256"] == manifest["splits"]["test"]["sha256"]
     assert m["num_examples"] == manifest["counts"]["test"]["total"] == len(read_jsonl(out / "predictions.jsonl"))
@@ -121,7 +121,10 @@ def test_scores_are_rouge_scores_own(run_dir):
     rows = read_jsonl(out / "predictions.jsonl")
     m = json.loads((out / "metrics.json").read_text())
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
-    own = [scorer.score(r["reference"], r["prediction"]) for r in rows]
+    # rougeLsum: rouge-score's own, on the texts put one sentence per line
+    own = [{**scorer.score(r["reference"], r["prediction"]),
+            "rougeLsum": scorer.score(sentence_lines(r["reference"]), sentence_lines(r["prediction"]))["rougeLsum"]}
+           for r in rows]
     for t in ROUGE_TYPES:
         assert [r["scores"][t]["f1"] for r in rows] == [s[t].fmeasure for s in own]
         mean = sum(s[t].fmeasure for s in own) / len(own)
@@ -155,6 +158,23 @@ def test_outputs_equal_transformers_greedy_on_the_same_prompt_ids(run_dir, eval_
         if row["output_tokens"] > 1:  # an immediate </s> says little about the prompt
             sensitive.append(greedy([*prompt[:2], prompt[2] + 1, *prompt[3:]]) != row["output_token_ids"])
     assert sensitive and sum(sensitive) >= len(sensitive) / 2, sensitive
+
+
+def test_phase_timings_in_metrics_and_report(run_dir):
+    out, _ = run_dir
+    m = json.loads((out / "metrics.json").read_text())
+    t = m["timings"]
+    for key in ("inputs_seconds", "hash_seconds", "engine_start_seconds", "generate_seconds", "score_seconds",
+                "report_seconds", "total_seconds"):
+        assert t[key] >= 0, key
+    assert t["engine_start_seconds"] == m["generation"]["throughput"]["engine_start_seconds"]
+    assert t["total_seconds"] >= t["engine_start_seconds"] + t["generate_seconds"] + t["score_seconds"]
+    assert t["scoring_workers"] >= 1 and t["hash_in_background"] is True
+    assert m["engine"]["cache"]["torch_compile_cache"] in ("cold", "warm")
+    assert m["data"]["prompts_truncated"]["count"] == 0
+    assert m["scoring"]["rougeLsum"].startswith("sentencex")
+    report = (out / "report.md").read_text()
+    assert "Time by phase" in report and "engine start" in report and "ROUGE scoring" in report
 
 
 def test_compare_with_itself_gives_zero_delta(run_dir, tmp_path, capsys):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from rouge_score import rouge_scorer
 
-from evaluator.score import (ROUGE_TYPES, average_over_seeds, bootstrap_ci, by_category, paired_bootstrap,
-                             score_pairs, summarize)
+from evaluator.score import (ROUGE_TYPES, average_over_seeds, bootstrap_ci, by_category, holm, paired_bootstrap,
+                             score_pairs, sentence_lines, sign_flip_p_value, summarize)
 
 REFS = [
     "The cat sat on the mat.",
@@ -27,7 +27,9 @@ PREDS = [
 
 def test_means_equal_mean_of_rouge_score_per_example_f1():
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
-    own = [scorer.score(r, p) for r, p in zip(REFS, PREDS)]
+    # rougeLsum from rouge-score on the texts put one sentence per line (none of these has two on a line)
+    own = [{**scorer.score(r, p), "rougeLsum": scorer.score(sentence_lines(r), sentence_lines(p))["rougeLsum"]}
+           for r, p in zip(REFS, PREDS)]
     summary = summarize(score_pairs(REFS, PREDS), resamples=200, seed=0, confidence=0.95)
     for t in ROUGE_TYPES:
         assert summary[t]["f1"]["mean"] == pytest.approx(np.mean([s[t].fmeasure for s in own]), abs=1e-12)
@@ -112,3 +114,81 @@ def test_by_category_and_seed_averaging():
     avg = average_over_seeds(rows)
     assert avg["x"]["rouge1"]["f1"] == pytest.approx((scores[0]["rouge1"]["f1"] + scores[1]["rouge1"]["f1"]) / 2)
     assert avg["y"] == scores[2]
+
+
+# ---- ROUGE-Lsum: one sentence per line ----------------------------------------------------------------
+
+MULTI_REF = ("The Eiffel Tower is in Paris. It was finished in 1889. Gustave Eiffel's company built it.\n"
+             "It is 330 metres tall.")
+MULTI_PRED = "Gustave Eiffel's company built the tower. It is in Paris and was finished in 1889. It is tall."
+
+
+def test_sentence_lines_splits_sentences_and_keeps_line_breaks():
+    assert sentence_lines(MULTI_REF).split("\n") == [
+        "The Eiffel Tower is in Paris.", "It was finished in 1889.", "Gustave Eiffel's company built it.",
+        "It is 330 metres tall."]
+    assert sentence_lines("Prices rose 3.5% in 2023! Was it expected?  \n\n  Yes.") == \
+        "Prices rose 3.5% in 2023!\nWas it expected?\nYes."
+    assert sentence_lines("") == "" and sentence_lines("no full stop") == "no full stop"
+
+
+def test_rouge_lsum_is_rouge_scores_own_on_one_sentence_per_line():
+    """Multi-sentence texts: our rougeLsum equals rouge-score's rougeLsum on the same texts written one sentence
+    per line by hand, and differs from rougeL (before the fix it was rougeL under another name)."""
+    by_hand_ref = ("The Eiffel Tower is in Paris.\nIt was finished in 1889.\nGustave Eiffel's company built it.\n"
+                   "It is 330 metres tall.")
+    by_hand_pred = "Gustave Eiffel's company built the tower.\nIt is in Paris and was finished in 1889.\nIt is tall."
+    scorer = rouge_scorer.RougeScorer(["rougeL", "rougeLsum"], use_stemmer=True)
+    want = scorer.score(by_hand_ref, by_hand_pred)["rougeLsum"]
+    got = score_pairs([MULTI_REF], [MULTI_PRED])[0]
+    assert got["rougeLsum"] == pytest.approx({"precision": want.precision, "recall": want.recall, "f1": want.fmeasure})
+    # rouge-score on the raw texts has one "sentence" per line: Lsum is then (nearly) L, not sentence-level.
+    raw = scorer.score(MULTI_REF, MULTI_PRED)
+    assert got["rougeL"]["f1"] == pytest.approx(raw["rougeL"].fmeasure)
+    assert got["rougeLsum"]["f1"] > got["rougeL"]["f1"] + 0.1
+    assert abs(raw["rougeLsum"].fmeasure - got["rougeLsum"]["f1"]) > 0.05
+
+
+def test_parallel_scoring_equals_serial():
+    rng = np.random.default_rng(0)
+    words = "the a cat dog sat ran on under mat tree. Then it slept! Why? Because".split()
+    refs = [" ".join(rng.choice(words, size=rng.integers(5, 40))) for _ in range(300)]
+    preds = [" ".join(rng.choice(words, size=rng.integers(0, 40))) for _ in range(300)]
+    serial = score_pairs(refs, preds)
+    assert score_pairs(refs, preds, workers=2) == serial
+    assert score_pairs(refs[:10], preds[:10], workers=4) == serial[:10]  # too few pairs: serial, same numbers
+
+
+# ---- p-values valid under the null --------------------------------------------------------------------
+
+
+def test_permutation_p_values_are_valid_under_the_null():
+    """No true difference (symmetric per-example deltas): p <= 0.05 in about 5% of experiments, p <= 0.2 in
+    about 20%. The old bootstrap p-value (twice the share of bootstrap deltas beyond 0, a distribution centred
+    on the observed delta) rejects about twice as often at 0.05 for the same data."""
+    rng = np.random.default_rng(7)
+    p, old = [], []
+    for k in range(300):
+        base = rng.uniform(0, 1, size=40)
+        tuned = base + rng.normal(0, 0.1, size=40)
+        p.append(paired_bootstrap(base, tuned, 500, k, 0.95, permutations=500)["p_value"])
+        d = tuned - base
+        boot = d[np.random.default_rng(k).integers(0, 40, size=(500, 40))].mean(axis=1)
+        old.append(min(1.0, 2 * min(np.mean(boot <= 0), np.mean(boot >= 0))))
+    p, old = np.array(p), np.array(old)
+    assert 0.02 <= np.mean(p <= 0.05) <= 0.085
+    assert 0.13 <= np.mean(p <= 0.2) <= 0.27
+    assert np.mean(old <= 0.05) > np.mean(p <= 0.05)
+
+
+def test_sign_flip_p_value_exact_on_a_tiny_case():
+    # 4 deltas, all positive: of the 16 sign patterns only all-+ and all-- reach |mean| = 1, so p ~ 2/16.
+    p = sign_flip_p_value([1.0, 1.0, 1.0, 1.0], permutations=20000, seed=0)
+    assert p == pytest.approx(2 / 16, abs=0.01)
+    assert sign_flip_p_value([0.0, 0.0, 0.0], permutations=200, seed=0) == 1.0
+
+
+def test_holm_adjustment_by_hand():
+    assert holm([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    assert holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])
+    assert holm([]) == []

