@@ -409,6 +409,9 @@ def chart_values(name: str, cfg: config_mod.TrainConfig, image: str, *, pvc: str
         "fullnameOverride": name,
         "image": {"repository": repo, "tag": tag},
         "serviceAccount": {"create": False},
+        # No Role/RoleBinding from submit (it creates only SUBMIT_KINDS): the progress annotation needs the chart's
+        # RBAC and service account, so `helm install` the chart for it (docs/chart.md, "Watching a run").
+        "progress": {"enabled": False},
         "storage": {"mountPath": mount_path, "existingClaim": pvc},
         "configMountPath": CONFIG_MOUNT,
         "staging": {"enabled": False},
