@@ -193,3 +193,32 @@ def test_wait_shows_progress_lines_while_it_waits(api, kube, capsys):
                                                          r"loss 1\.21, 8,315 tokens/s", out)]
     assert len(steps) >= 2 and steps == sorted(steps) and len(set(steps)) == len(steps), out
     assert out.rstrip().endswith("tiny: SUCCEEDED")
+
+
+@pytest.mark.slow
+def test_tiny_ray_run_publishes_progress_to_its_rayjob(kube, server, token_file, tmp_path, tiny_model_dir,
+                                                       synthetic_data_dir):
+    """`dolly-train train` on the local Ray cluster (2 CPU workers, 6 steps): rank 0, a Ray Train worker process,
+    patches the RayJob named by DOLLY_RAYJOB_NAME at each logging interval and checkpoint."""
+    from test_train import train
+
+    put_rayjob(kube, "tiny-run", [rayjob_status("Running", "RUNNING")])
+    env = {progress.ENV_NAME: "tiny-run", progress.ENV_NAMESPACE: NS, progress.ENV_API: server,
+           progress.ENV_TOKEN_FILE: str(token_file)}
+    proc = train(tmp_path, tiny_model_dir, synthetic_data_dir, "progress", "schedule.max_steps=6", env=env)
+    assert "cannot publish progress" not in proc.stdout + proc.stderr
+    assert "Ray metrics:" not in proc.stdout + proc.stderr  # the dolly_train_* gauges were created and set
+    sent = [json.loads(r["body"]["metadata"]["annotations"][progress.ANNOTATION]) for r in patches(kube)]
+    # logging every 3 steps, checkpoint at 6: at least one update mid-run and the final one (older pending
+    # summaries may be replaced by newer ones before they are sent, never reordered)
+    steps = [s["step"] for s in sent]
+    assert len(sent) >= 2 and steps == sorted(steps) and steps[0] < 6, steps
+    assert {r["content_type"] for r in patches(kube)} == {"application/merge-patch+json"}
+    final = annotation(kube, "tiny-run")
+    assert set(final) == set(progress.FIELDS)
+    assert final["step"] == final["total_steps"] == 6 and final["percent"] == 100.0 and final["eta_seconds"] == 0
+    assert final["last_checkpoint"] == "checkpoint_00000006"
+    assert final["loss"] > 0 and final["tokens_per_s"] > 0 and final["val_loss"] > 0
+    rows = [json.loads(line) for line in (tmp_path / "progress" / "metrics.jsonl").read_text().splitlines()]
+    (last_train,) = [r for r in rows if r["kind"] == "train" and r["step"] == 6]
+    assert final["loss"] == pytest.approx(last_train["loss"], abs=1e-4)

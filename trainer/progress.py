@@ -185,11 +185,8 @@ class _Gauges:
              "eta_seconds": "estimated seconds until the last step"}
 
     def __init__(self, run: str):
-        import ray
         from ray.util.metrics import Gauge
 
-        if not ray.is_initialized():
-            raise RuntimeError("Ray is not initialized")
         self.tags = {"run": run}
         self.gauges = {k: Gauge(f"dolly_train_{k}", description=d, tag_keys=("run",)) for k, d in self.NAMES.items()}
 
@@ -251,9 +248,12 @@ def _tracker(recipe) -> Tracker:
         target = Target.from_env()
         gauges = None
         try:
-            gauges = _Gauges(run)
-        except Exception:  # noqa: BLE001 - no Ray (a local run, bench) or no metrics agent: gauges are optional
-            gauges = None
+            import ray
+
+            if ray.is_initialized():  # not in a local run without Ray (bench, tests)
+                gauges = _Gauges(run)
+        except Exception as e:  # noqa: BLE001 - gauges are optional
+            _warn(f"Ray metrics: cannot create the dolly_train_* gauges: {e!r}")
         tracker = Tracker(recipe.total_steps, recipe.progress.global_step, run,
                           Publisher(target) if target is not None else None, gauges)
         recipe._progress_tracker = tracker
