@@ -53,10 +53,10 @@ def test_target_from_env_only_with_a_rayjob_name(token_file):
     assert progress.Target.from_env({}) is None
     t = progress.Target.from_env({progress.ENV_NAME: "run", "KUBERNETES_SERVICE_HOST": "10.96.0.1",
                                   "KUBERNETES_SERVICE_PORT": "443", progress.ENV_NAMESPACE: "ml"})
-    assert t.url == "https://10.96.0.1:443/apis/ray.io/v1/namespaces/ml/rayjobs/run"
+    assert t.url == "https://10.96.0.1:443/apis/ray.io/v1/namespaces/ml/rayjobs/run?fieldManager=dolly-train-progress"
     assert t.token_file == f"{progress.SA_DIR}/token" and t.ca_file == f"{progress.SA_DIR}/ca.crt"
     t = target("http://127.0.0.1:1", token_file)
-    assert t.ca_file is None and t.url == f"http://127.0.0.1:1/apis/ray.io/v1/namespaces/{NS}/rayjobs/tiny"
+    assert t.ca_file is None and t.url.startswith(f"http://127.0.0.1:1/apis/ray.io/v1/namespaces/{NS}/rayjobs/tiny?")
 
 
 def test_tracker_publishes_the_summary_as_a_merge_patch_of_the_annotation(kube, server, token_file):
@@ -82,6 +82,7 @@ def test_tracker_publishes_the_summary_as_a_merge_patch_of_the_annotation(kube, 
     for r in patches(kube):
         assert r["content_type"] == "application/merge-patch+json"
         assert r["path"] == f"/apis/ray.io/v1/namespaces/{NS}/rayjobs/tiny"
+        assert r["query"] == {"fieldManager": "dolly-train-progress"}
         assert list(r["body"]) == ["metadata"] and list(r["body"]["metadata"]) == ["annotations"]
     spec = kube.objects[("rayjobs", NS, "tiny")]["spec"]
     assert spec["entrypoint"].startswith("dolly-train train")  # nothing but the annotation changed

@@ -41,6 +41,7 @@ ANNOTATION = "dolly-train.dev/progress"
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 ENV_NAME, ENV_NAMESPACE = "DOLLY_RAYJOB_NAME", "DOLLY_RAYJOB_NAMESPACE"
 ENV_API, ENV_TOKEN_FILE = "DOLLY_KUBE_API", "DOLLY_KUBE_TOKEN_FILE"
+FIELD_MANAGER = "dolly-train-progress"  # owner of the annotation in managedFields (Argo CD's server-side apply leaves it)
 REQUEST_TIMEOUT = 5.0  # seconds for one patch
 BACKOFF_START, BACKOFF_MAX = 5.0, 300.0
 FIELDS = ("step", "total_steps", "epoch", "percent", "eta_seconds", "loss", "val_loss", "tokens_per_s",
@@ -92,7 +93,7 @@ class Target:
 
     @property
     def url(self) -> str:
-        return f"{self.api}/apis/ray.io/v1/namespaces/{self.namespace}/rayjobs/{self.name}"
+        return f"{self.api}/apis/ray.io/v1/namespaces/{self.namespace}/rayjobs/{self.name}?fieldManager={FIELD_MANAGER}"
 
     def patch(self, summary: dict, timeout: float = REQUEST_TIMEOUT) -> None:
         """One JSON merge patch of the annotation; raises OSError (URLError, HTTPError, timeouts) on failure."""
