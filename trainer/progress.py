@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import ssl
+import sys
 import threading
 import time
 import urllib.error
@@ -248,10 +249,9 @@ def _tracker(recipe) -> Tracker:
         run = recipe.cfg.checkpoint.run_name
         target = Target.from_env()
         gauges = None
+        ray = sys.modules.get("ray")  # a run without Ray (bench, tests) never imports it
         try:
-            import ray
-
-            if ray.is_initialized():  # not in a local run without Ray (bench, tests)
+            if ray is not None and ray.is_initialized():
                 gauges = _Gauges(run)
         except Exception as e:  # noqa: BLE001 - gauges are optional
             _warn(f"Ray metrics: cannot create the dolly_train_* gauges: {e!r}")
