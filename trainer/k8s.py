@@ -736,7 +736,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("status", formatter_class=fmt, help="show a RayJob's status and training progress",
                        description="Print jobStatus, jobDeploymentStatus, reason and message of a RayJob, and the "
                                    "training progress rank 0 publishes in its dolly-train.dev/progress annotation "
-                                   "(step, %%, ETA, loss, tokens/s, last checkpoint, age of the update). "
+                                   "(step, %, ETA, loss, tokens/s, last checkpoint, age of the update). "
                                    "--output json: the status fields, `outcome` and `progress` (null when absent).")
     _common(p)
     p.add_argument("-o", "--output", choices=("table", "json"), default="table", help="output format (default: %(default)s)")
@@ -744,7 +744,8 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("wait", formatter_class=argparse.RawDescriptionHelpFormatter, help="wait for a RayJob to finish",
                        description="Wait for a RayJob, following it with a watch (resumed after a dropped connection) "
-                                   "and retrying transient API errors with backoff.\n"
+                                   "and retrying transient API errors with backoff; prints a line per status change and "
+                                   "per update of the trainer's progress annotation (step, %, ETA, loss, tokens/s).\n"
                                    "A retry (jobDeploymentStatus Retrying, within spec.backoffLimit) is not a failure.",
                        epilog="exit status:\n"
                               f"  {EXIT_SUCCEEDED:<4} the Ray job SUCCEEDED and KubeRay marked the RayJob Complete\n"
