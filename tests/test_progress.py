@@ -223,3 +223,15 @@ def test_tiny_ray_run_publishes_progress_to_its_rayjob(kube, server, token_file,
     rows = [json.loads(line) for line in (tmp_path / "progress" / "metrics.jsonl").read_text().splitlines()]
     (last_train,) = [r for r in rows if r["kind"] == "train" and r["step"] == 6]
     assert final["loss"] == pytest.approx(last_train["loss"], abs=1e-4)
+
+
+def test_eta_from_the_first_window_then_from_wall_time():
+    """The tracker starts at the first report (the recipe creates it lazily): its first ETA comes from the logging
+    window's step time, later ones from wall time per step since then (validation and saves included)."""
+    tracker = progress.Tracker(total_steps=100, start_step=10, run="r")
+    first = tracker.update("train", {"step": 10, "step_time_s": 2.0, "loss": 1.0, "tokens_per_s": 1.0, "epoch": 0.1})
+    assert first["eta_seconds"] == 180
+    tracker.start_time -= 30.0  # 30 s of wall time for the next 10 steps
+    later = tracker.update("train", {"step": 20, "step_time_s": 2.0, "loss": 1.0, "tokens_per_s": 1.0, "epoch": 0.2})
+    assert later["eta_seconds"] == pytest.approx(240, abs=1)
+    assert later["percent"] == 20.0

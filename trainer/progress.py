@@ -206,6 +206,7 @@ class Tracker:
         self.summary: dict = dict.fromkeys(FIELDS)
         self.summary["total_steps"] = total_steps
         self.start_step, self.start_time = start_step, time.monotonic()
+        self.window_rate: float | None = None
         self.publisher, self.gauges, self.run = publisher, gauges, run
 
     def update(self, kind: str, m: dict) -> dict:
@@ -223,9 +224,11 @@ class Tracker:
             s["val_loss"] = round(float(m["val_loss"]), 4)
         elif kind == "checkpoint":
             s["last_checkpoint"] = m.get("checkpoint")
-        done = step - self.start_step  # steps this process ran: a resumed run's rate starts over
-        if done > 0 and total:
-            rate = (time.monotonic() - self.start_time) / done  # wall seconds per step, eval and saves included
+        if kind == "train" and m.get("step_time_s"):
+            self.window_rate = float(m["step_time_s"])  # training seconds per step in the last logging window
+        done = step - self.start_step  # steps since the first report of this process (a resume starts over)
+        rate = (time.monotonic() - self.start_time) / done if done > 0 else self.window_rate
+        if rate is not None and total:  # wall seconds per step, validation and saves included once known
             s["eta_seconds"] = int(round(max(total - step, 0) * rate))
         s["updated_at"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         if self.publisher is not None:
