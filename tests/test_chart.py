@@ -52,7 +52,37 @@ MATRIX = [
                       '{"kubernetes.io/metadata.name":"ml-users"}},"podSelector":{"matchLabels":{"role":"ray-client"}}}]']),
     ("auth-and-network-policy-off", "values.yaml", ["--set", "rayAuth.enabled=false",
                                                     "--set", "networkPolicy.enabled=false"]),
+    ("watching", "values.yaml", [
+        "--set", "tensorboard.enabled=true", "--set", "metrics.serviceMonitor.enabled=true",
+        "--set", "metrics.serviceMonitor.labels.release=kube-prometheus-stack",
+        "--set-json", 'metrics.scrapeFrom=[{"namespaceSelector":{"matchLabels":'
+                      '{"kubernetes.io/metadata.name":"monitoring"}}}]']),
+    ("progress-off", "values-cpu-smoke.yaml", ["--set", "progress.enabled=false"]),
 ]
+# Prometheus Operator's ServiceMonitor (monitoring.coreos.com/v1) is not among ../shared/crds: this is the subset of
+# its CRD schema (prometheus-operator's monitoring.coreos.com_servicemonitors.yaml) that the chart uses, strict like
+# the translated CRDs (unknown fields are errors).
+_LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
+SERVICE_MONITOR = kv.CRDVersion("monitoring.coreos.com", "ServiceMonitor", "v1", Path("(in tests/test_chart.py)"), {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "ServiceMonitor"},
+        "metadata": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}, "labels": _LABELS}},
+        "spec": {"type": "object", "additionalProperties": False, "required": ["selector", "endpoints"], "properties": {
+            "selector": {"type": "object", "additionalProperties": False,
+                         "properties": {"matchLabels": _LABELS, "matchExpressions": {"type": "array"}}},
+            "endpoints": {"type": "array", "minItems": 1, "items": {
+                "type": "object", "additionalProperties": False, "properties": {
+                    "port": {"type": "string"}, "path": {"type": "string"},
+                    "interval": {"type": "string", "pattern": "^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?"
+                                                              "(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"},
+                    "relabelings": {"type": "array", "items": {
+                        "type": "object", "additionalProperties": False, "properties": {
+                            "sourceLabels": {"type": "array", "items": {"type": "string",
+                                                                        "pattern": "^[a-zA-Z_][a-zA-Z0-9_]*$"}},
+                            "targetLabel": {"type": "string"}, "regex": {"type": "string"},
+                            "action": {"type": "string"}, "replacement": {"type": "string"}}}}}}}}},
+    }})
 
 
 # ---- tools ---------------------------------------------------------------------------------------
@@ -135,7 +165,8 @@ def test_kube_version_floor(helm):
 def test_objects_validate_against_k8s_and_kuberay_schemas(rendered, crds, case_id):
     objs = rendered[case_id]
     assert {o["kind"] for o in objs} >= {"ConfigMap"} and any(o["kind"] in RAY_KINDS for o in objs)
-    errors = kv.validate_objects(objs, crds, K8S_VERSION)
+    errors = kv.validate_objects(objs, {**crds, (SERVICE_MONITOR.api_version, SERVICE_MONITOR.kind): SERVICE_MONITOR},
+                                 K8S_VERSION)
     for o in objs:
         if o["kind"] in RAY_KINDS:
             errors += kv.validate_pod_templates(o, K8S_VERSION)
@@ -323,7 +354,10 @@ def test_every_container_has_resources_and_security_context(rendered, case_id):
     for o, where, tmpl in pods:
         psc = tmpl["spec"]["securityContext"]
         assert psc["runAsNonRoot"] is True and psc["seccompProfile"]["type"] == "RuntimeDefault", where
-        assert tmpl["spec"]["automountServiceAccountToken"] is False, where
+        # The service-account token only on the worker pods of a RayJob with progress on (rank 0 runs there and
+        # patches the progress annotation); never on the head, the submitter or the staging Job.
+        token = progress_on(o, case_id) and ".workerGroupSpecs[" in where
+        assert tmpl["spec"]["automountServiceAccountToken"] is token, where
         for c in containers(tmpl):
             name = f"{kv.describe(o)} {where} {c['name']}"
             for part in ("requests", "limits"):
@@ -567,7 +601,9 @@ def test_ray_token_auth_and_network_policy_guard_the_head(rendered, case_id):
     if off:
         assert policies == []
         return
-    (np,) = policies
+    (np,) = [p for p in policies if p["metadata"]["name"].endswith("-ray")]
+    assert [p["metadata"]["name"] for p in policies if p is not np] == (
+        ["dolly-train-tensorboard"] if case_id == "watching" else [])
     assert np["spec"]["policyTypes"] == ["Ingress"]
     pods = [(w, t) for o in objs if o["kind"] in RAY_KINDS for w, t in kv.pod_templates(o)]
     guarded = [w for w, t in pods if _matches(np["spec"]["podSelector"], t["metadata"]["labels"])]
@@ -587,6 +623,10 @@ def test_ray_token_auth_and_network_policy_guard_the_head(rendered, case_id):
         assert peer["from"][0]["podSelector"]["matchLabels"] == {"role": "ray-client"}
         (rj,) = by_kind(objs, "RayJob")
         assert rj["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token", "secretName": "ray-token"}
+    elif case_id == "watching":  # Prometheus (metrics.scrapeFrom) reaches the metrics agent's port only
+        (peer,) = peers
+        assert peer["ports"] == [{"port": 8080, "protocol": "TCP"}]
+        assert peer["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
     else:
         assert peers == []
 
@@ -601,3 +641,114 @@ def test_hf_token_only_where_the_hub_is_used(rendered, helm):
                                           "--set", "staging.model.repoId=TinyLlama/TinyLlama-1.1B-Chat-v1.0"])
     (job,) = by_kind(public, "Job")
     assert "HF_TOKEN" not in {e["name"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+# ---- watching a run: progress RBAC, TensorBoard, Prometheus ---------------------------------------------------
+
+def progress_on(obj: dict, case_id: str) -> bool:
+    """Whether the chart's progress publishing applies to this object's pods: the default (progress.enabled), for
+    a RayJob only (a long-lived RayCluster has no RayJob to write to)."""
+    return obj["kind"] == "RayJob" and case_id != "progress-off"
+
+
+def _worker_and_other_pods(objs):
+    (rj,) = by_kind(objs, "RayJob")
+    pods = kv.pod_templates(rj)
+    return rj, [t for w, t in pods if ".workerGroupSpecs[" in w], [(w, t) for w, t in pods if ".workerGroupSpecs[" not in w]
+
+
+@pytest.mark.parametrize("case_id", [c[0] for c in CASES])
+def test_progress_role_grants_only_get_and_patch_on_its_own_rayjob(rendered, case_id):
+    objs = rendered[case_id]
+    roles, bindings = by_kind(objs, "Role"), by_kind(objs, "RoleBinding")
+    assert by_kind(objs, "ClusterRole") == [] and by_kind(objs, "ClusterRoleBinding") == []
+    rayjobs = by_kind(objs, "RayJob")
+    if not rayjobs or case_id == "progress-off":
+        assert roles == [] and bindings == []
+        for o in objs:
+            for _, t in kv.pod_templates(o):
+                assert t["spec"]["automountServiceAccountToken"] is False
+                assert not any(e["name"].startswith("DOLLY_RAYJOB") for c in containers(t) for e in c.get("env", []))
+        return
+    rj, workers, others = _worker_and_other_pods(objs)
+    (role,) = roles
+    (binding,) = bindings
+    assert role["rules"] == [{"apiGroups": ["ray.io"], "resources": ["rayjobs"],
+                              "resourceNames": [rj["metadata"]["name"]], "verbs": ["get", "patch"]}]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": role["metadata"]["name"]}
+    sa = {t["spec"]["serviceAccountName"] for t in workers}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa.pop(), "namespace": "default"}] and not sa
+    for t in workers:  # where rank 0 runs: the token and the RayJob's name and namespace
+        assert t["spec"]["automountServiceAccountToken"] is True
+        (c,) = t["spec"]["containers"]
+        env = {e["name"]: e for e in c["env"]}
+        assert env["DOLLY_RAYJOB_NAME"]["value"] == rj["metadata"]["name"]
+        assert env["DOLLY_RAYJOB_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    for where, t in others:
+        assert t["spec"]["automountServiceAccountToken"] is False, where
+    for sa_obj in by_kind(objs, "ServiceAccount"):
+        assert sa_obj["automountServiceAccountToken"] is False  # opted in per pod template only
+
+
+def test_progress_rbac_objects_validate_and_a_wider_role_is_caught(rendered):
+    objs = [o for o in rendered["values.yaml"] if o["kind"] in ("Role", "RoleBinding", "ServiceAccount")]
+    assert len(objs) == 3 and kv.validate_objects(objs, {}, K8S_VERSION) == []
+    role = json.loads(json.dumps(by_kind(objs, "Role")[0]))
+    role["rules"][0]["verb"] = ["*"]  # a typo the schema must reject, so the check above proves something
+    assert kv.validate_objects([role], {}, K8S_VERSION) != []
+
+
+def test_tensorboard_off_by_default_read_only_non_root_and_port_forwardable(rendered, helm):
+    assert not [o for o in rendered["values.yaml"] if o["kind"] in ("Deployment", "Service")]
+    objs = rendered["watching"]
+    (dep,) = by_kind(objs, "Deployment")
+    svc = {s["metadata"]["name"]: s for s in by_kind(objs, "Service")}["dolly-train-tensorboard"]
+    tmpl = dep["spec"]["template"]
+    spec = tmpl["spec"]
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    (c,) = spec["containers"]
+    assert c["command"] == ["tensorboard"]
+    assert "--logdir=/mnt/dolly/runs/mistral-7b-dolly/tensorboard" in c["args"]
+    assert {k: c["securityContext"].get(k) for k in SECURITY} == SECURITY
+    assert {"cpu", "memory"} <= set(c["resources"]["limits"])
+    (mount,) = c["volumeMounts"]
+    assert mount["readOnly"] is True and mount["mountPath"] == "/mnt/dolly"
+    (vol,) = spec["volumes"]
+    assert vol["persistentVolumeClaim"] == {"claimName": "dolly-train-data", "readOnly": True}
+    assert _matches(dep["spec"]["selector"], tmpl["metadata"]["labels"])
+    assert _matches({"matchLabels": svc["spec"]["selector"]}, tmpl["metadata"]["labels"])
+    assert svc["spec"]["type"] == "ClusterIP"
+    assert svc["spec"]["ports"] == [{"name": "http", "port": 6006, "targetPort": "http", "protocol": "TCP"}]
+    (np,) = [p for p in by_kind(objs, "NetworkPolicy") if p["metadata"]["name"] == "dolly-train-tensorboard"]
+    assert _matches(np["spec"]["podSelector"], tmpl["metadata"]["labels"]) and np["spec"]["ingress"] == []
+    res = helm_template(helm, "values.yaml", ["--set", "tensorboard.enabled=true",
+                                              "--set", "train.checkpoint.storage_path=s3://b/runs"], check=False)
+    assert res.returncode != 0 and "tensorboard.enabled" in res.stderr
+    notes = subprocess.run([helm, "install", "dolly-train", str(CHART), "--dry-run=client", "-f",
+                            str(CHART / "values-cpu-smoke.yaml"), "--set", "tensorboard.enabled=true"],
+                           capture_output=True, text=True, timeout=60)
+    assert notes.returncode == 0, notes.stderr
+    text = notes.stdout.split("NOTES:", 1)[1]
+    assert "port-forward svc/dolly-train-tensorboard 6006:6006" in text
+    assert "dolly-train status dolly-train -n default" in text and "dolly-train\\.dev/progress" in text
+
+
+def test_service_monitor_off_by_default_and_selects_the_ray_metrics_ports(rendered):
+    assert by_kind(rendered["values.yaml"], "ServiceMonitor") == []
+    objs = rendered["watching"]
+    (sm,) = by_kind(objs, "ServiceMonitor")
+    assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    (svc,) = [s for s in by_kind(objs, "Service") if _matches(sm["spec"]["selector"], s["metadata"]["labels"])]
+    assert svc["spec"]["clusterIP"] == "None"
+    (port,) = svc["spec"]["ports"]
+    # KubeRay v1.7.0 names the Ray container's metrics port `metrics` (8080) on the head and every worker.
+    assert port == {"name": "metrics", "port": 8080, "targetPort": "metrics", "protocol": "TCP"}
+    assert [e["port"] for e in sm["spec"]["endpoints"]] == ["metrics"]
+    (rj,) = by_kind(objs, "RayJob")
+    ray = [t for w, t in kv.pod_templates(rj) if w != "spec.submitterPodTemplate"]
+    assert ray and all(_matches({"matchLabels": svc["spec"]["selector"]}, t["metadata"]["labels"]) for t in ray)
+    bad = json.loads(json.dumps(sm))
+    bad["spec"]["endpoints"][0]["intervall"] = "30s"
+    assert kv.validate_objects([bad], {(SERVICE_MONITOR.api_version, SERVICE_MONITOR.kind): SERVICE_MONITOR}) != []

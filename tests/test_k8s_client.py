@@ -775,6 +775,7 @@ def test_submit_config_sends_the_same_rayjob_as_helm_template(api, kube, tmp_pat
     user_file.write_text(yaml.safe_dump(user_values))
     install = tmp_path / "install-values.yaml"
     install.write_text(yaml.safe_dump({"fullnameOverride": "dolly-smoke", "serviceAccount": {"create": False},
+                                       "progress": {"enabled": False},
                                        "storage": {"existingClaim": "shared-rwx"}, "staging": {"enabled": False}}))
     res = subprocess.run([tool("helm"), "template", "dolly-smoke", str(chart), "-n", NS, "-f", str(chart / "values-cpu-smoke.yaml"),
                           "-f", str(install)], capture_output=True, text=True, timeout=60)

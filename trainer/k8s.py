@@ -5,8 +5,8 @@
     dolly-train submit --config cpu-tiny --image ghcr.io/dolly-train/cpu:0.1.0 --name tiny --pvc dolly-train-data \\
         model.path=/mnt/dolly/models/tiny data.path=/mnt/dolly/data/synthetic checkpoint.storage_path=/mnt/dolly/runs
         # renders charts/dolly-train (`helm template`) with values from the config and flags: the chart's RayJob
-    dolly-train status tiny -n dolly-train
-    dolly-train wait tiny -n dolly-train --timeout 3600             # exit 0 SUCCEEDED, 1 failed, 124 timeout,
+    dolly-train status tiny -n dolly-train                         # phase + progress (step, %, ETA, loss, tokens/s)
+    dolly-train wait tiny -n dolly-train --timeout 3600             # progress lines while it waits; exit 0 SUCCEEDED, 1 failed, 124 timeout,
                                                                     # 69 cannot reach / authenticate to the API
     dolly-train logs tiny -n dolly-train --follow                   # the submitter pod (`ray job submit` output)
     dolly-train suspend|resume|delete tiny -n dolly-train
@@ -33,6 +33,7 @@ from pathlib import Path
 import yaml
 
 from trainer import config as config_mod
+from trainer import progress as progress_mod
 from trainer.config import ConfigError
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
@@ -408,6 +409,9 @@ def chart_values(name: str, cfg: config_mod.TrainConfig, image: str, *, pvc: str
         "fullnameOverride": name,
         "image": {"repository": repo, "tag": tag},
         "serviceAccount": {"create": False},
+        # No Role/RoleBinding from submit (it creates only SUBMIT_KINDS): the progress annotation needs the chart's
+        # RBAC and service account, so `helm install` the chart for it (docs/chart.md, "Watching a run").
+        "progress": {"enabled": False},
         "storage": {"mountPath": mount_path, "existingClaim": pvc},
         "configMountPath": CONFIG_MOUNT,
         "staging": {"enabled": False},
@@ -527,18 +531,45 @@ def _print_created(obj: dict) -> int:
 def cmd_status(args) -> int:
     client = _client(args)
     obj = client.get(args.name)
-    if args.output == "json":
-        print(json.dumps(obj.get("status") or {}, indent=2, sort_keys=True))
-        return 0
     s = RayJobState.from_object(obj)
+    prog = progress_mod.from_object(obj)
+    age = progress_mod.age_seconds(prog) if prog else None
+    if args.output == "json":
+        # KubeRay's status as it is, plus the outcome and the trainer's progress annotation (null when absent).
+        out = {**(obj.get("status") or {}), "outcome": s.outcome,
+               "progress": {**prog, "age_seconds": None if age is None else round(age)} if prog else None}
+        print(json.dumps(out, indent=2, sort_keys=True))
+        return 0
     rows = [("rayjob", f"{args.namespace}/{s.name}"), ("job status", s.job_status or "-"),
             ("deployment", s.deployment_status or "New"), ("reason", s.reason or "-"),
             ("message", s.message or "-"), ("ray cluster", s.cluster or "-"), ("suspend", str(s.suspend).lower()),
             ("failed attempts", str(s.failed)), ("started", s.start_time or "-"), ("ended", s.end_time or "-"),
             ("outcome", s.outcome)]
+    rows += _progress_rows(prog, age)
     for key, value in rows:
         print(f"{key:<16} {value}")
     return 0
+
+
+def _progress_rows(prog: dict | None, age: float | None) -> list[tuple[str, str]]:
+    """Table rows of the trainer's progress annotation (trainer/progress.py)."""
+    if not prog:
+        return [("progress", f"- (no {progress_mod.ANNOTATION} annotation yet)")]
+
+    def fmt(key, spec):
+        v = prog.get(key)
+        return "-" if v is None else format(v, spec)
+
+    step, total = prog.get("step"), prog.get("total_steps")
+    pct = prog.get("percent")
+    return [("step", f"{step if step is not None else '-'}/{total if total is not None else '-'}"
+                     + (f" ({pct:.1f}%)" if pct is not None else "")),
+            ("epoch", fmt("epoch", ".2f")),
+            ("eta", progress_mod.duration(prog.get("eta_seconds"))),
+            ("loss", fmt("loss", ".4f")), ("val loss", fmt("val_loss", ".4f")),
+            ("tokens/s", fmt("tokens_per_s", ",.0f")),
+            ("last checkpoint", prog.get("last_checkpoint") or "-"),
+            ("updated", f"{progress_mod.duration(age)} ago ({prog.get('updated_at')})" if age is not None else "-")]
 
 
 def wait_for(client: RayJobClient, name: str, timeout: float, poll: float, out=None) -> int:
@@ -552,13 +583,18 @@ def wait_for(client: RayJobClient, name: str, timeout: float, poll: float, out=N
     start = time.monotonic()
     deadline = start + timeout
     last, state, api_error, delay = None, None, None, min(max(poll, 0.05), 1.0)
+    last_progress = None
 
     def report(obj: dict) -> int | None:
-        nonlocal last, state
+        nonlocal last, state, last_progress
         state = RayJobState.from_object(obj)
         if state.summary() != last:
             last = state.summary()
             print(f"[{time.monotonic() - start:7.1f}s] {name}: {last}", file=out, flush=True)
+        prog = progress_mod.from_object(obj)
+        if prog and prog.get("updated_at") != last_progress:  # the trainer's annotation (trainer/progress.py)
+            last_progress = prog.get("updated_at")
+            print(f"[{time.monotonic() - start:7.1f}s] {name}: progress {progress_mod.line(prog)}", file=out, flush=True)
         if state.outcome == "succeeded":
             print(f"{name}: SUCCEEDED", file=out, flush=True)
             return EXIT_SUCCEEDED
@@ -697,15 +733,19 @@ def add_parser(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the objects instead of creating them")
     p.set_defaults(func=_guard(cmd_submit))
 
-    p = sub.add_parser("status", formatter_class=fmt, help="show a RayJob's job and deployment status",
-                       description="Print jobStatus, jobDeploymentStatus, reason and message of a RayJob.")
+    p = sub.add_parser("status", formatter_class=fmt, help="show a RayJob's status and training progress",
+                       description="Print jobStatus, jobDeploymentStatus, reason and message of a RayJob, and the "
+                                   "training progress rank 0 publishes in its dolly-train.dev/progress annotation "
+                                   "(step, %, ETA, loss, tokens/s, last checkpoint, age of the update). "
+                                   "--output json: the status fields, `outcome` and `progress` (null when absent).")
     _common(p)
     p.add_argument("-o", "--output", choices=("table", "json"), default="table", help="output format (default: %(default)s)")
     p.set_defaults(func=_guard(cmd_status))
 
     p = sub.add_parser("wait", formatter_class=argparse.RawDescriptionHelpFormatter, help="wait for a RayJob to finish",
                        description="Wait for a RayJob, following it with a watch (resumed after a dropped connection) "
-                                   "and retrying transient API errors with backoff.\n"
+                                   "and retrying transient API errors with backoff; prints a line per status change and "
+                                   "per update of the trainer's progress annotation (step, %, ETA, loss, tokens/s).\n"
                                    "A retry (jobDeploymentStatus Retrying, within spec.backoffLimit) is not a failure.",
                        epilog="exit status:\n"
                               f"  {EXIT_SUCCEEDED:<4} the Ray job SUCCEEDED and KubeRay marked the RayJob Complete\n"

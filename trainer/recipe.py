@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trainer import progress as progress_report
 from trainer.config import TrainConfig, deepspeed_config
 from trainer.data.packing import (
     EpochPlan,
@@ -483,6 +484,7 @@ class FullFinetuneRecipe:
         if self.device.type == "cuda":
             m["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
         self.metrics.log("train", m)
+        progress_report.report(self, "train", m)
         if bar is not None:
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", lr=f"{m['lr']:.2e}")
         self.ctx.report({k: v for k, v in m.items() if v is not None})
@@ -512,6 +514,7 @@ class FullFinetuneRecipe:
         val = self.evaluate()
         if val is not None:
             self.metrics.log("eval", {"step": self.progress.global_step, "val_loss": val})
+            progress_report.report(self, "eval", {"step": self.progress.global_step, "val_loss": val})
 
     # ---- checkpoints and export --------------------------------------------------------------
     def save_checkpoint(self, final: bool = False) -> None:
@@ -540,6 +543,7 @@ class FullFinetuneRecipe:
         save_s = time.perf_counter() - t0
         m = {"step": p.global_step, "checkpoint": name, "save_seconds": save_s, "final": final}
         self.metrics.log("checkpoint", m)
+        progress_report.report(self, "checkpoint", m)
         self.ctx.report({"step": p.global_step, "checkpoint_save_s": save_s}, checkpoint=d)
 
     def _save_weights_only(self, d: Path) -> None:
@@ -571,6 +575,7 @@ class FullFinetuneRecipe:
                               generation_config=module.model.generation_config)
 
     def cleanup(self) -> None:
+        progress_report.close(self)
         if hasattr(self, "metrics"):  # setup may have failed before the logger existed
             self.metrics.close()
 

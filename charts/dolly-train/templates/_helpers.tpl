@@ -207,3 +207,8 @@ Returns YAML: {groups: [{groupName, replicas, gpusPerPod, ...}, ...]}.
 {{- fail (printf "train.model.path: %q is not a path on the volume, but staging.enabled writes the model to a path; leave it empty or give an absolute path" .Values.train.model.path) }}
 {{- end }}
 {{- end }}
+
+{{/* "true" when rank 0 publishes its progress on the RayJob (progress.enabled, mode rayjob: a RayJob to write to). */}}
+{{- define "dolly-train.progressOn" -}}
+{{- and .Values.progress.enabled (eq .Values.mode "rayjob") }}
+{{- end }}

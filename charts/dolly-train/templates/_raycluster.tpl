@@ -78,7 +78,9 @@ workerGroupSpecs:
           dolly-train/worker-group: {{ $g.groupName }}
       spec:
         serviceAccountName: {{ include "dolly-train.serviceAccountName" $ }}
-        automountServiceAccountToken: false
+        # The token only where rank 0 may run, and only for the progress annotation (rbac.yaml: get/patch on the
+        # RayJob itself).
+        automountServiceAccountToken: {{ include "dolly-train.progressOn" $ | eq "true" }}
         {{- include "dolly-train.podCommon" $ | nindent 8 }}
         {{- with $g.nodeSelector }}
         nodeSelector:
@@ -98,6 +100,14 @@ workerGroupSpecs:
             imagePullPolicy: {{ $.Values.image.pullPolicy }}
             env:
               {{- include "dolly-train.rayEnv" (dict "root" $ "extra" $g.env) | trim | nindent 14 }}
+              {{- if eq (include "dolly-train.progressOn" $) "true" }}
+              # trainer/progress.py: the RayJob whose dolly-train.dev/progress annotation rank 0 writes.
+              - name: DOLLY_RAYJOB_NAME
+                value: {{ include "dolly-train.fullname" $ | quote }}
+              - name: DOLLY_RAYJOB_NAMESPACE
+                valueFrom:
+                  fieldRef: {fieldPath: metadata.namespace}
+              {{- end }}
             {{- with $.Values.storage.objectStore.credentialsSecret }}
             envFrom:
               - secretRef:

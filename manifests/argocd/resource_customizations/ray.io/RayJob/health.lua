@@ -134,6 +134,44 @@ local text = "Deployment " .. (dep ~= "" and dep or "New") .. ", Ray job " .. (j
 if limit > 0 or failed > 0 then
   text = text .. " (attempt " .. tostring(failed + 1) .. " of " .. tostring(attempts) .. ")"
 end
+-- Training progress: rank 0 of the trainer writes a flat JSON object into this annotation (trainer/progress.py);
+-- Argo CD's Lua has no JSON library, so read the few numbers with patterns.
+if job == "RUNNING" and obj.metadata ~= nil and obj.metadata.annotations ~= nil then
+  local raw = obj.metadata.annotations["dolly-train.dev/progress"]
+  if type(raw) == "string" then
+    local function num(key)
+      return tonumber(string.match(raw, '"' .. key .. '"%s*:%s*(%-?[%d%.eE%+%-]+)'))
+    end
+    local function grouped(n)
+      local s = tostring(math.floor(n))
+      local out = s:reverse():gsub("(%d%d%d)", "%1,"):reverse()
+      return (out:gsub("^,", ""))
+    end
+    local step, total = num("step"), num("total_steps")
+    if step ~= nil then
+      local p = "step " .. grouped(step)
+      if total ~= nil and total > 0 then
+        p = p .. "/" .. grouped(total) .. " (" .. tostring(math.floor(100 * step / total + 0.5)) .. "%)"
+      end
+      local eta = num("eta_seconds")
+      if eta ~= nil then
+        if eta < 60 then
+          p = p .. ", ETA " .. tostring(math.floor(eta)) .. " s"
+        elseif eta < 5400 then
+          p = p .. ", ETA " .. tostring(math.floor(eta / 60 + 0.5)) .. " min"
+        else
+          local m = math.floor(eta / 60 + 0.5)
+          p = p .. ", ETA " .. tostring(math.floor(m / 60)) .. " h " .. tostring(m % 60) .. " min"
+        end
+      end
+      local loss = num("loss")
+      if loss ~= nil then
+        p = p .. ", loss " .. string.format("%.2f", loss)
+      end
+      text = text .. ": " .. p
+    end
+  end
+end
 hs.status = "Progressing"
 hs.message = text
 return hs
