@@ -11,6 +11,8 @@ STAMP   := $(VENV)/.installed
 TOOLS   := .tools/bin
 WORK    ?= work
 PYTEST_ARGS ?=
+ENGINE  ?=
+IMAGES  ?=
 
 export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
@@ -18,7 +20,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PATH := $(CURDIR)/$(TOOLS):$(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help install tools test test-fast demo lint images kind-smoke bench-data bench-generate bench-train clean
+.PHONY: help install tools test test-fast test-images demo lint images kind-smoke bench-data bench-generate bench-train clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -44,8 +46,11 @@ demo: install ## init tiny model -> prepare synthetic -> train (2 Ray workers, Z
 lint: install tools ## helm lint, hadolint, shellcheck, yamllint
 	scripts/lint.sh
 
-images: ## build the container images (needs docker; not available on the build machines)
-	scripts/build-images.sh
+images: ## build the container images: ENGINE=docker|podman|buildah (default: the one present), IMAGES="cpu", BASE_IMAGE=
+	ENGINE=$(ENGINE) scripts/build-images.sh $(IMAGES)
+
+test-images: install tools ## build the images on local stand-in bases and run the demo in the CPU image (docs/images.md)
+	$(PY) -m pytest -ra -m images tests/test_images.py $(PYTEST_ARGS)
 
 kind-smoke: install ## kind cluster -> KubeRay -> helm install (CPU) -> eval Job -> ROUGE table (needs docker + kind)
 	scripts/kind-smoke.sh
