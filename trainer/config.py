@@ -116,6 +116,19 @@ class LoggingConfig:
 
 
 @dataclass
+class WatchdogConfig:
+    setup_s: int | None = _f(
+        None, "Time limit, in seconds, for each worker setup phase (process group, data load, model build, "
+        "deepspeed.initialize, resume) and each checkpoint save. None = 300 + 60 per GB of model weights.", minimum=1)
+    step_s: int | None = _f(
+        None, "Time limit, in seconds, for one optimizer step (the first one included). "
+        "None = 120 + 20 per GB of model weights.", minimum=1)
+    collective_s: int = _f(
+        1800, "Timeout of the torch process group (NCCL or gloo): a collective that waits longer fails the run. "
+        "Keep it above step_s so the watchdog, which names the phase and the stack, fires first.", minimum=1)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Model to fine-tune."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Prepared data."})
@@ -126,6 +139,7 @@ class TrainConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig, metadata={"help": "Ray Train workers."})
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={"help": "Checkpoints, resume, export."})
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"help": "Metrics."})
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig, metadata={"help": "Time limits: fail loudly, never hang."})
     seed: int = _f(42, "Seed for model init, data order and dropout.", minimum=0)
 
     # ---- derived paths -------------------------------------------------------------------------
