@@ -208,3 +208,26 @@ def test_prepare_with_too_few_records_exits_nonzero(tmp_path, capsys, n):
     err = capsys.readouterr().err
     assert rc == 2 and f"{n} usable record" in err and "at least 3" in err, err
     assert not (tmp_path / "out").exists()
+
+
+# ---- preemption: the chart gives the workers time to save -------------------------------------------
+
+def test_chart_sets_worker_termination_grace_period(repo):
+    import k8s_validate as kv
+
+    chart = repo / "charts" / "dolly-train"
+
+    def grace(*args: str) -> list[int]:
+        res = subprocess.run([kv.tool("helm"), "template", "x", str(chart), *args], capture_output=True, text=True,
+                             timeout=60, check=True)
+        objs = [o for o in yaml.safe_load_all(res.stdout) if o]
+        out = []
+        for o in objs:
+            spec = o.get("spec", {})
+            cluster = spec.get("rayClusterSpec", spec)
+            for g in cluster.get("workerGroupSpecs", []) if isinstance(cluster, dict) else []:
+                out.append(g["template"]["spec"]["terminationGracePeriodSeconds"])
+        return out
+
+    assert set(grace()) == {300}
+    assert set(grace("--set", "worker.terminationGracePeriodSeconds=120")) == {120}

@@ -169,3 +169,42 @@ def test_oom_in_first_step_is_not_retried(tmp_path, tiny_model_dir, synthetic_da
     assert "dolly-train train: the run failed: rank 0: Out of GPU memory." in err, err[-3000:]
     assert "model.activation_checkpointing=true" in err
     assert len(starts(pid_dir)) == 2, starts(pid_dir)  # no worker-group restart despite max_failures=2
+
+
+def test_sigterm_to_one_worker_saves_and_resumes(tmp_path, tiny_model_dir, synthetic_data_dir):
+    """SIGTERM to rank 1's real worker process mid-run (no periodic checkpoint in reach): both ranks finish the
+    step, save it together, and the restarted run resumes right after it - no step is repeated."""
+    import signal
+    import threading
+
+    pid_dir = tmp_path / "pids"
+    run_dir = tmp_path / "term"
+    sent: dict = {}
+
+    def terminator():
+        deadline = time.time() + 400
+        while time.time() < deadline and not sent:
+            rows = train_rows(run_dir) if (run_dir / "metrics.jsonl").exists() else []
+            if rows and rows[-1]["step"] >= 3 and (pid_dir / "rank1.pid").exists():
+                pid = int((pid_dir / "rank1.pid").read_text())
+                os.kill(pid, signal.SIGTERM)
+                sent["pid"], sent["after_step"] = pid, rows[-1]["step"]
+            time.sleep(0.1)
+
+    t = threading.Thread(target=terminator, daemon=True)
+    t.start()
+    proc, _ = ray_train(tmp_path, tiny_model_dir, synthetic_data_dir, "term", "schedule.max_steps=14",
+                        "checkpoint.every_steps=100", env={"DOLLY_PID_DIR": str(pid_dir)}, timeout=500)
+    t.join(timeout=5)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert sent, "SIGTERM was never sent"
+    assert "rank 1: SIGTERM received" in out
+    steps = [r["step"] for r in train_rows(run_dir)]
+    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    saved = steps[restart - 1]  # the last step before the restart is the one checkpointed on SIGTERM
+    assert saved >= sent["after_step"]
+    assert f"resumed from {run_dir / f'checkpoint_{saved:08d}'} at step {saved}" in out, out[-4000:]
+    assert steps[restart] == saved + 1, steps  # nothing repeated
+    assert steps[-1] == 14
+    assert len(starts(pid_dir)) == 4, starts(pid_dir)  # one restart of the worker group

@@ -40,6 +40,7 @@ from trainer.data.packing import (
     shard_batches,
 )
 from trainer.failures import FatalError
+from trainer.preemption import Preempted, StopOnSigterm
 from trainer.prompt import IGNORE_INDEX
 from trainer.watchdog import Watchdog, default_limits
 
@@ -399,6 +400,27 @@ class FullFinetuneRecipe:
 
     # ---- the loop ------------------------------------------------------------------------------
     def train(self) -> None:
+        self._sigterm = StopOnSigterm(self.ctx.rank).install()  # trainer/preemption.py
+        try:
+            self._train_loop()
+        finally:
+            self._sigterm.uninstall()
+
+    def _stop_requested(self) -> bool:
+        """Any rank got SIGTERM: all ranks learn it after the same step (one all-reduce of one number)."""
+        flag = torch.tensor(1.0 if self._sigterm.requested.is_set() else 0.0, device=self.device)
+        if self.ctx.world_size > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return flag.item() > 0
+
+    def _stop_for_restart(self, last_ckpt_step: int) -> None:
+        p = self.progress
+        if last_ckpt_step != p.global_step:
+            self.save_checkpoint()
+        raise Preempted(f"rank {self.ctx.rank}: stopped on SIGTERM after step {p.global_step} and saved "
+                        f"checkpoint_{p.global_step:08d}; the restarted run resumes from it")
+
+    def _train_loop(self) -> None:
         cfg, p = self.cfg, self.progress
         last_ckpt_step = p.global_step if getattr(self, "_resumed_from", None) else -1
         bar = self._progress_bar()
@@ -426,6 +448,8 @@ class FullFinetuneRecipe:
                 if p.global_step % cfg.checkpoint.every_steps == 0 and p.global_step < self.total_steps:
                     self.save_checkpoint()
                     last_ckpt_step = p.global_step
+                if p.global_step < self.total_steps and self._stop_requested():
+                    self._stop_for_restart(last_ckpt_step)
             if p.step_in_epoch >= self.steps_per_epoch:
                 p.epoch += 1
                 p.step_in_epoch = 0

@@ -70,6 +70,8 @@ workerGroupSpecs:
       spec:
         serviceAccountName: {{ include "dolly-train.serviceAccountName" $ }}
         automountServiceAccountToken: false
+        # SIGTERM -> finish the step, save a checkpoint, exit (docs/operations.md): time for that before SIGKILL.
+        terminationGracePeriodSeconds: {{ int $g.terminationGracePeriodSeconds }}
         {{- include "dolly-train.podCommon" $ | nindent 8 }}
         {{- with $g.nodeSelector }}
         nodeSelector:
