@@ -231,3 +231,29 @@ def test_chart_sets_worker_termination_grace_period(repo):
 
     assert set(grace()) == {300}
     assert set(grace("--set", "worker.terminationGracePeriodSeconds=120")) == {120}
+
+
+# ---- quiet by default ------------------------------------------------------------------------------------
+
+def test_quiet_output_shows_product_lines_and_logs_everything(tmp_path):
+    script = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from trainer.quiet import quiet_output\n"
+        "with quiet_output(Path(sys.argv[1])):\n"
+        "    print('Reporting training result 1: TrainingReport(...)', flush=True)\n"
+        "    print('(RayTrainWorker pid=123, ip=1.2.3.4) [dolly-train] step=3 loss=9.1', flush=True)\n"
+        "    os.write(2, b'Failed to query Ray Train Controller actor state\\n')\n"
+        "    print('[dolly-train] resumed from x', file=sys.stderr, flush=True)\n"
+        "print('after', flush=True)\n"
+    )
+    log = tmp_path / "logs" / "train.log"
+    proc = subprocess.run([sys.executable, "-c", script, str(log)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.returncode == 0, proc.stderr
+    shown = proc.stdout.splitlines()
+    assert shown == [f"[dolly-train] full log (Ray, DeepSpeed): {log}  (--verbose prints it here)",
+                     "[dolly-train] step=3 loss=9.1", "[dolly-train] resumed from x", "after"], shown
+    assert proc.stderr == ""
+    text = log.read_text()
+    assert "Reporting training result" in text and "Failed to query Ray Train Controller" in text

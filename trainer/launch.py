@@ -22,6 +22,7 @@ from trainer import checkpointing
 from trainer import config as config_mod
 from trainer.config import ConfigError, TrainConfig
 from trainer.failures import FatalError, classify, root_cause, stop_on_fatal_callback
+from trainer.quiet import quiet_output
 
 # Environment the workers need to see (HF offline mode, test hooks) when Ray starts them elsewhere.
 PROPAGATED_ENV_PREFIXES = ("HF_", "DOLLY_", "TRANSFORMERS_", "NCCL_", "DS_", "TOKENIZERS_", "PYTORCH_")
@@ -202,6 +203,9 @@ def add_parser(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config values, e.g. optim.lr=2e-5")
     p.add_argument("--help-config", action="store_true", help="list every config key with its help text and exit")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--verbose", action="store_true",
+                   help="print Ray's and DeepSpeed's output too (default: only dolly-train's lines; the rest goes "
+                        "to <run>/logs/, whose path is printed)")
     p.set_defaults(func=run_train)
 
     r = sub.add_parser(
@@ -228,7 +232,11 @@ def run_train(args) -> int:
         if args.print_config:
             print(cfg.to_yaml(), end="")
             return 0
-        result = run_training(cfg)
+        if args.verbose:
+            result = run_training(cfg)
+        else:
+            with quiet_output(train_log_path(cfg)):
+                result = run_training(cfg)
     except (ConfigError, PreflightError) as e:
         print(f"dolly-train train: {e}", file=sys.stderr)
         return 2
@@ -242,6 +250,16 @@ def run_train(args) -> int:
         return 1
     print(f"[dolly-train] done: run dir {cfg.run_dir()}", flush=True)
     return 0
+
+
+def train_log_path(cfg: TrainConfig) -> Path:
+    import tempfile
+    import time
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if cfg.is_remote_storage:
+        return Path(tempfile.gettempdir()) / "dolly-train" / cfg.checkpoint.run_name / f"train-{stamp}.log"
+    return Path(os.path.abspath(cfg.run_dir())) / "logs" / f"train-{stamp}.log"
 
 
 def run_render(args) -> int:
