@@ -208,3 +208,19 @@ def test_sigterm_to_one_worker_saves_and_resumes(tmp_path, tiny_model_dir, synth
     assert steps[restart] == saved + 1, steps  # nothing repeated
     assert steps[-1] == 14
     assert len(starts(pid_dir)) == 4, starts(pid_dir)  # one restart of the worker group
+
+
+def test_stale_extension_lock_fails_naming_the_lock(tmp_path, tiny_model_dir, synthetic_data_dir):
+    """The issue's hang: a killed op build left `deepspeed_shm_comm/lock` in the torch-extensions cache, and
+    `deepspeed.initialize` waited on it forever. Now the run fails within watchdog.setup_s, naming the lock."""
+    ext = tmp_path / "torch_extensions"
+    lock = ext / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("")
+    pid_dir = tmp_path / "pids"
+    proc, _ = ray_train(tmp_path, tiny_model_dir, synthetic_data_dir, "lock", "watchdog.setup_s=20",
+                        env={"TORCH_EXTENSIONS_DIR": str(ext), "DOLLY_PID_DIR": str(pid_dir)})
+    err = proc.stderr
+    assert proc.returncode == 1, proc.stdout[-3000:] + err[-3000:]
+    assert "in phase 'deepspeed.initialize' (limit 20 s" in err and str(lock) in err, err[-3000:]
+    assert len(starts(pid_dir)) == 2, starts(pid_dir)  # not retried: a restart would wait on the same lock
