@@ -212,7 +212,8 @@ def test_sigterm_to_one_worker_saves_and_resumes(tmp_path, tiny_model_dir, synth
 
 def test_stale_extension_lock_fails_naming_the_lock(tmp_path, tiny_model_dir, synthetic_data_dir):
     """The issue's hang: a killed op build left `deepspeed_shm_comm/lock` in the torch-extensions cache, and
-    `deepspeed.initialize` waited on it forever. Now the run fails within watchdog.setup_s, naming the lock."""
+    `deepspeed.initialize` waited on it forever. Now the run fails within watchdog.setup_s, naming the lock (or,
+    where the op is prebuilt and nothing is built at run time, finishes)."""
     ext = tmp_path / "torch_extensions"
     lock = ext / "deepspeed_shm_comm" / "lock"
     lock.parent.mkdir(parents=True)
@@ -221,6 +222,9 @@ def test_stale_extension_lock_fails_naming_the_lock(tmp_path, tiny_model_dir, sy
     proc, _ = ray_train(tmp_path, tiny_model_dir, synthetic_data_dir, "lock", "watchdog.setup_s=20",
                         env={"TORCH_EXTENSIONS_DIR": str(ext), "DOLLY_PID_DIR": str(pid_dir)})
     err = proc.stderr
+    if proc.returncode == 0:  # DeepSpeed's op was prebuilt (no run-time build): nothing waits on the lock
+        assert (tmp_path / "lock" / "export" / "model.safetensors").is_file()
+        return
     assert proc.returncode == 1, proc.stdout[-3000:] + err[-3000:]
     assert "in phase 'deepspeed.initialize' (limit 20 s" in err and str(lock) in err, err[-3000:]
     assert len(starts(pid_dir)) == 2, starts(pid_dir)  # not retried: a restart would wait on the same lock
