@@ -242,7 +242,7 @@ def test_quiet_output_shows_product_lines_and_logs_everything(tmp_path):
         "from trainer.quiet import quiet_output\n"
         "with quiet_output(Path(sys.argv[1])):\n"
         "    print('Reporting training result 1: TrainingReport(...)', flush=True)\n"
-        "    print('(RayTrainWorker pid=123, ip=1.2.3.4) [dolly-train] step=3 loss=9.1', flush=True)\n"
+        "    print('\\x1b[36m(RayTrainWorker pid=123, ip=1.2.3.4)\\x1b[0m [dolly-train] step=3 loss=9.1', flush=True)\n"
         "    os.write(2, b'Failed to query Ray Train Controller actor state\\n')\n"
         "    print('[dolly-train] resumed from x', file=sys.stderr, flush=True)\n"
         "print('after', flush=True)\n"

@@ -172,8 +172,8 @@ def test_oom_in_first_step_is_not_retried(tmp_path, tiny_model_dir, synthetic_da
 
 
 def test_sigterm_to_one_worker_saves_and_resumes(tmp_path, tiny_model_dir, synthetic_data_dir):
-    """SIGTERM to rank 1's real worker process mid-run (no periodic checkpoint in reach): both ranks finish the
-    step, save it together, and the restarted run resumes right after it - no step is repeated."""
+    """SIGTERM to rank 1's real worker process mid-run (no periodic checkpoint in reach: every_steps=100): both
+    ranks finish the step, save it together, and the restarted run resumes right after it - no step repeated."""
     import signal
     import threading
 
@@ -193,7 +193,7 @@ def test_sigterm_to_one_worker_saves_and_resumes(tmp_path, tiny_model_dir, synth
 
     t = threading.Thread(target=terminator, daemon=True)
     t.start()
-    proc, _ = ray_train(tmp_path, tiny_model_dir, synthetic_data_dir, "term", "schedule.max_steps=14",
+    proc, _ = ray_train(tmp_path, tiny_model_dir, synthetic_data_dir, "term", "schedule.max_steps=40",
                         "checkpoint.every_steps=100", env={"DOLLY_PID_DIR": str(pid_dir)}, timeout=500)
     t.join(timeout=5)
     out = proc.stdout + proc.stderr
@@ -201,12 +201,12 @@ def test_sigterm_to_one_worker_saves_and_resumes(tmp_path, tiny_model_dir, synth
     assert sent, "SIGTERM was never sent"
     assert "rank 1: SIGTERM received" in out
     steps = [r["step"] for r in train_rows(run_dir)]
-    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
-    saved = steps[restart - 1]  # the last step before the restart is the one checkpointed on SIGTERM
-    assert saved >= sent["after_step"]
-    assert f"resumed from {run_dir / f'checkpoint_{saved:08d}'} at step {saved}" in out, out[-4000:]
-    assert steps[restart] == saved + 1, steps  # nothing repeated
-    assert steps[-1] == 14
+    resumed = re.search(r"resumed from (\S+) at step (\d+)", out)
+    assert resumed, out[-4000:]
+    saved = int(resumed.group(2))  # the step checkpointed on SIGTERM
+    assert resumed.group(1) == str(run_dir / f"checkpoint_{saved:08d}")
+    assert sent["after_step"] <= saved <= sent["after_step"] + 3, (sent, saved)
+    assert steps == list(range(1, 41)), steps  # every step logged once: none lost, none repeated
     assert len(starts(pid_dir)) == 4, starts(pid_dir)  # one restart of the worker group
 
 

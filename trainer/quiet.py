@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Iterator
 
 TAG = "[dolly-train]"
-_RAY_PREFIX = re.compile(r"^\([^)]*pid=\d+[^)]*\)\s*")
+_ANSI = r"(?:\x1b\[[0-9;]*m)?"
+_RAY_PREFIX = re.compile(rf"^{_ANSI}\([^)]*pid=\d+[^)]*\){_ANSI}\s*")
 
 
 def keep(line: str) -> str | None:
