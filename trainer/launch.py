@@ -257,9 +257,15 @@ def train_log_path(cfg: TrainConfig) -> Path:
     import time
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    fallback = Path(tempfile.gettempdir()) / "dolly-train" / cfg.checkpoint.run_name / f"train-{stamp}.log"
     if cfg.is_remote_storage:
-        return Path(tempfile.gettempdir()) / "dolly-train" / cfg.checkpoint.run_name / f"train-{stamp}.log"
-    return Path(os.path.abspath(cfg.run_dir())) / "logs" / f"train-{stamp}.log"
+        return fallback
+    logs = Path(os.path.abspath(cfg.run_dir())) / "logs"
+    try:
+        logs.mkdir(parents=True, exist_ok=True)
+    except OSError:  # an unwritable storage path: preflight reports it; the log goes to the temp dir
+        return fallback
+    return logs / f"train-{stamp}.log"
 
 
 def run_render(args) -> int:
