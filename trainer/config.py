@@ -104,7 +104,9 @@ class CheckpointConfig:
     run_name: str = _f("dolly", "Run name; rerunning the same name resumes from its latest checkpoint.")
     every_steps: int = _f(100, "Save a checkpoint every this many optimizer steps (and always at the end).", minimum=1)
     keep: int = _f(2, "Checkpoints kept (oldest are deleted).", minimum=1)
-    max_failures: int = _f(3, "Worker-group restarts Ray Train allows after a crash (-1 = unlimited).", minimum=-1)
+    max_failures: int = _f(3, "Worker-group restarts Ray Train allows after a crash (-1 = unlimited). Failures a restart would "
+                            "repeat (out of memory, config error, missing file, import error, watchdog timeout, full "
+                            "volume) are never retried (docs/operations.md).", minimum=-1)
     export: bool = _f(True, "Export a consolidated Hugging Face model to <run>/export at the end.")
 
 
