@@ -238,6 +238,8 @@ class FullFinetuneRecipe:
         self.ds_config = deepspeed_config(self.cfg)
         with self.phase("model build", self.setup_limit_s):
             model = self._setup_model()
+        # the model's size is known now (a model built from a factory has no weight files to measure)
+        self.setup_limit_s, self.step_limit_s = default_limits(self.cfg, self.n_params)
         with self.phase("deepspeed.initialize", self.setup_limit_s):
             self._setup_engine(model)
         self.progress = Progress()

@@ -48,10 +48,11 @@ def weights_gb(model_path: str) -> float:
     return sum(f.stat().st_size for f in files) / 1e9
 
 
-def default_limits(cfg) -> tuple[int, int]:
+def default_limits(cfg, n_params: int | None = None) -> tuple[int, int]:
     """(setup limit, step limit) in seconds: the config's values, else 300 + 60/GB and 120 + 20/GB of weights
-    (a 7B bf16 model, 14.5 GB: ~20 min per setup phase, ~7 min per step, the first one with its warm-up)."""
-    gb = weights_gb(cfg.model.path)
+    (a 7B bf16 model, 14.5 GB: ~20 min per setup phase, ~7 min per step, the first one with its warm-up). The size
+    is the weight files on disk, or 2 bytes per parameter once the model is built (`n_params`)."""
+    gb = max(weights_gb(cfg.model.path), 2 * (n_params or 0) / 1e9)
     setup = cfg.watchdog.setup_s or int(300 + 60 * gb)
     step = cfg.watchdog.step_s or int(120 + 20 * gb)
     return setup, step
