@@ -109,7 +109,9 @@ class CheckpointConfig:
     run_name: str = _f("dolly", "Run name; rerunning the same name resumes from its latest checkpoint.")
     every_steps: int = _f(100, "Save a checkpoint every this many optimizer steps (and always at the end).", minimum=1)
     keep: int = _f(2, "Checkpoints kept (oldest are deleted).", minimum=1)
-    max_failures: int = _f(3, "Worker-group restarts Ray Train allows after a crash (-1 = unlimited).", minimum=-1)
+    max_failures: int = _f(3, "Worker-group restarts Ray Train allows after a crash (-1 = unlimited). Failures a restart would "
+                            "repeat (out of memory, config error, missing file, import error, watchdog timeout, full "
+                            "volume) are never retried (docs/operations.md).", minimum=-1)
     export: bool = _f(True, "Export a consolidated Hugging Face model to <run>/export at the end.")
     save_optimizer_state: bool = _f(
         True,
@@ -127,6 +129,19 @@ class LoggingConfig:
 
 
 @dataclass
+class WatchdogConfig:
+    setup_s: int | None = _f(
+        None, "Time limit, in seconds, for each worker setup phase (process group, data load, model build, "
+        "deepspeed.initialize, resume) and each checkpoint save. None = 300 + 60 per GB of model weights.", minimum=1)
+    step_s: int | None = _f(
+        None, "Time limit, in seconds, for one optimizer step (the first one included). "
+        "None = 120 + 20 per GB of model weights.", minimum=1)
+    collective_s: int = _f(
+        1800, "Timeout of the torch process group (NCCL or gloo): a collective that waits longer fails the run. "
+        "Keep it above step_s so the watchdog, which names the phase and the stack, fires first.", minimum=1)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Model to fine-tune."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Prepared data."})
@@ -137,6 +152,7 @@ class TrainConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig, metadata={"help": "Ray Train workers."})
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={"help": "Checkpoints, resume, export."})
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"help": "Metrics."})
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig, metadata={"help": "Time limits: fail loudly, never hang."})
     seed: int = _f(42, "Seed for model init, data order and dropout.", minimum=0)
 
     # ---- derived paths -------------------------------------------------------------------------

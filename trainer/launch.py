@@ -18,8 +18,11 @@ import sys
 import uuid
 from pathlib import Path
 
+from trainer import checkpointing
 from trainer import config as config_mod
 from trainer.config import ConfigError, TrainConfig
+from trainer.failures import FatalError, classify, root_cause, stop_on_fatal_callback
+from trainer.quiet import quiet_output
 
 # Environment the workers need to see (HF offline mode, test hooks) when Ray starts them elsewhere.
 PROPAGATED_ENV_PREFIXES = ("HF_", "DOLLY_", "TRANSFORMERS_", "NCCL_", "DS_", "TOKENIZERS_", "PYTORCH_")
@@ -74,6 +77,20 @@ def preflight(cfg: TrainConfig) -> None:
             probe.unlink()
         except OSError as e:
             raise PreflightError(f"checkpoint.storage_path: cannot write to {run_dir}: {e}") from e
+        check_resume_config(cfg)
+
+
+def check_resume_config(cfg: TrainConfig) -> list:
+    """Rerunning a run resumes it: refuse (before any worker starts) when the config changed a key that would
+    reinterpret the saved position; return the safe changes. The workers check again against the checkpoint
+    they load (object storage included)."""
+    ckpt = checkpointing.latest_valid(checkpointing.checkpoints(Path(cfg.run_dir())), warn=lambda _m: None)
+    if ckpt is None or not (ckpt / "config.yaml").is_file():
+        return []
+    try:
+        return checkpointing.check_resume(ckpt / "config.yaml", cfg.to_dict(), cfg.checkpoint.run_name)
+    except FatalError as e:
+        raise PreflightError(str(e)) from e
 
 
 def check_cluster_resources(cfg: TrainConfig) -> None:
@@ -96,7 +113,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
     """Runs in every Ray Train worker."""
     import torch
 
-    from trainer.recipe import OOM_HINT, FullFinetuneRecipe, RayContext
+    from trainer.recipe import FullFinetuneRecipe, RayContext
 
     cfg = config_mod.from_dict(config_dict)
     if not cfg.scaling.use_gpu:
@@ -106,6 +123,8 @@ def train_loop_per_worker(config_dict: dict) -> None:
     if pid_dir:
         Path(pid_dir).mkdir(parents=True, exist_ok=True)
         (Path(pid_dir) / f"rank{ctx.rank}.pid").write_text(str(os.getpid()))
+        with open(Path(pid_dir) / "starts.log", "a") as fh:  # one line per worker start: restarts are visible
+            fh.write(f"rank{ctx.rank} {os.getpid()}\n")
     recipe = FullFinetuneRecipe(cfg, ctx)
     try:
         recipe.setup()
@@ -119,8 +138,13 @@ def train_loop_per_worker(config_dict: dict) -> None:
                 pyarrow.fs.copy_files(str(out), f"{cfg.run_dir()}/export")
             if out is not None:
                 print(f"[dolly-train] exported Hugging Face model to {cfg.run_dir()}/export", flush=True)
-    except torch.OutOfMemoryError as e:
-        raise RuntimeError(OOM_HINT) from e
+    except Exception as e:
+        # A failure a restart would repeat (OOM at the same step, config error, missing file, import error,
+        # watchdog timeout) becomes a FatalError: StopOnFatalError ends the run instead of retrying it.
+        fatal = classify(e)
+        if fatal is not None and fatal is not e:
+            raise fatal from e
+        raise
     finally:
         recipe.cleanup()
 
@@ -128,7 +152,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
 def run_training(cfg: TrainConfig) -> object:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     absolutize(cfg)
     preflight(cfg)
@@ -139,14 +163,16 @@ def run_training(cfg: TrainConfig) -> object:
             ray.init(num_cpus=max(os.cpu_count() or 1, cfg.scaling.num_workers * cfg.scaling.cpus_per_worker),
                      include_dashboard=False, log_to_driver=True)
     check_cluster_resources(cfg)
-    if not cfg.is_remote_storage:
-        (Path(cfg.run_dir()) / "config.yaml").write_text(cfg.to_yaml())
+    if not cfg.is_remote_storage:  # <run>/config.yaml + config_history.jsonl (checked by preflight)
+        checkpointing.record_config(Path(cfg.run_dir()), cfg.to_dict(), check_resume_config(cfg))
     s = cfg.scaling
     env = {k: v for k, v in os.environ.items() if k.startswith(PROPAGATED_ENV_PREFIXES)}
     env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else every metrics line is printed twice
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
+        # The process group's timeout (NCCL or gloo; init and every collective): explicit, from the config.
+        torch_config=TorchConfig(timeout_s=cfg.watchdog.collective_s),
         scaling_config=ScalingConfig(
             num_workers=s.num_workers,
             use_gpu=s.use_gpu,
@@ -156,6 +182,7 @@ def run_training(cfg: TrainConfig) -> object:
             name=cfg.checkpoint.run_name,
             storage_path=cfg.checkpoint.storage_path,
             failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            callbacks=[stop_on_fatal_callback()],  # a FatalError from a worker is not retried
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             worker_runtime_env={"env_vars": env},
         ),
@@ -176,6 +203,9 @@ def add_parser(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config values, e.g. optim.lr=2e-5")
     p.add_argument("--help-config", action="store_true", help="list every config key with its help text and exit")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--verbose", action="store_true",
+                   help="print Ray's and DeepSpeed's output too (default: only dolly-train's lines; the rest goes "
+                        "to <run>/logs/, whose path is printed)")
     p.set_defaults(func=run_train)
 
     r = sub.add_parser(
@@ -202,15 +232,40 @@ def run_train(args) -> int:
         if args.print_config:
             print(cfg.to_yaml(), end="")
             return 0
-        result = run_training(cfg)
+        if args.verbose:
+            result = run_training(cfg)
+        else:
+            with quiet_output(train_log_path(cfg)):
+                result = run_training(cfg)
     except (ConfigError, PreflightError) as e:
         print(f"dolly-train train: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # TorchTrainer.fit raises the run's error (ControllerError / WorkerGroupError)
+        if type(e).__module__.startswith("ray."):
+            print(f"dolly-train train: the run failed: {root_cause(e)}", file=sys.stderr)
+            return 1
+        raise
     if getattr(result, "error", None):
-        print(f"dolly-train train: the run failed: {result.error}", file=sys.stderr)
+        print(f"dolly-train train: the run failed: {root_cause(result.error)}", file=sys.stderr)
         return 1
     print(f"[dolly-train] done: run dir {cfg.run_dir()}", flush=True)
     return 0
+
+
+def train_log_path(cfg: TrainConfig) -> Path:
+    import tempfile
+    import time
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    fallback = Path(tempfile.gettempdir()) / "dolly-train" / cfg.checkpoint.run_name / f"train-{stamp}.log"
+    if cfg.is_remote_storage:
+        return fallback
+    logs = Path(os.path.abspath(cfg.run_dir())) / "logs"
+    try:
+        logs.mkdir(parents=True, exist_ok=True)
+    except OSError:  # an unwritable storage path: preflight reports it; the log goes to the temp dir
+        return fallback
+    return logs / f"train-{stamp}.log"
 
 
 def run_render(args) -> int:

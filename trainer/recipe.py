@@ -13,6 +13,7 @@ skips the 32,768-way projection for most prompt tokens.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import zlib
 import math
@@ -29,8 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trainer import checkpointing
 from trainer import progress as progress_report
-from trainer.config import TrainConfig, deepspeed_config
+from trainer.config import ConfigError, TrainConfig, deepspeed_config
 from trainer.data.packing import (
     EpochPlan,
     attention_inputs,
@@ -38,10 +40,13 @@ from trainer.data.packing import (
     plan_epoch,
     shard_batches,
 )
+from trainer.failures import FatalError
+from trainer.preemption import Preempted, StopOnSigterm
 from trainer.prompt import IGNORE_INDEX
+from trainer.watchdog import Watchdog, default_limits
 
-class ResourcePreflightError(RuntimeError):
-    """The config cannot fit the GPU or the volume: retrying the same run cannot help."""
+class ResourcePreflightError(FatalError):
+    """The config cannot fit the GPU or the volume: retrying the same run cannot help (never retried)."""
 
 
 OOM_HINT = (
@@ -64,8 +69,7 @@ class LocalContext:
         self.run_dir = Path(run_dir)
 
     def latest_checkpoint(self) -> Path | None:
-        ckpts = sorted(p for p in self.run_dir.glob("checkpoint_[0-9]*") if p.is_dir())
-        return ckpts[-1] if ckpts else None
+        return checkpointing.latest_valid(checkpointing.checkpoints(self.run_dir))
 
     @contextlib.contextmanager
     def checkpoint_dir(self, name: str) -> Iterator[Path]:
@@ -73,7 +77,11 @@ class LocalContext:
         tmp = self.run_dir / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        yield tmp
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
 
@@ -96,12 +104,22 @@ class RayContext:
         self._pending: Any = None
 
     def latest_checkpoint(self):
+        if self.run_dir is not None:
+            # Shared filesystem: read in place; the newest checkpoint that verifies (a damaged one is skipped with
+            # a warning), rank 0's choice for every rank.
+            warn = print if self.rank == 0 else (lambda _m: None)
+            found = checkpointing.latest_valid(checkpointing.checkpoints(self.run_dir), warn=warn)
+            if self.world_size > 1:
+                choice = [str(found) if found else None]
+                torch.distributed.broadcast_object_list(choice, src=0)
+                found = Path(choice[0]) if choice[0] else None
+            return found
         ckpt = self._train.get_checkpoint()
         if ckpt is None:
             return None
-        if self.run_dir is not None and Path(ckpt.path).is_dir():
-            return Path(ckpt.path)  # shared filesystem: read in place
-        return Path(ckpt.to_directory())  # object storage: download
+        path = Path(ckpt.to_directory())  # object storage: download
+        checkpointing.verify(path)
+        return path
 
     @contextlib.contextmanager
     def checkpoint_dir(self, name: str) -> Iterator[Path]:
@@ -211,22 +229,34 @@ class FullFinetuneRecipe:
 
     # ---- setup ---------------------------------------------------------------------------------
     def setup(self, train_examples: list[dict] | None = None, val_examples: list[dict] | None = None) -> None:
+        self.setup_limit_s, self.step_limit_s = default_limits(self.cfg)
+        self.watchdog = Watchdog(self.ctx.rank)
         self._seed_everything(self.cfg.seed + self.ctx.rank)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.cfg.scaling.use_gpu else torch.device("cpu")
         self.dtype = torch.bfloat16 if self.cfg.model.precision == "bf16" else torch.float32
-        self._setup_data(train_examples, val_examples)
+        with self.phase("process group", self.setup_limit_s):
+            if self.ctx.world_size > 1 and torch.distributed.is_initialized():
+                torch.distributed.barrier()  # every rank is up and the rendezvous works
+        with self.phase("data load", self.setup_limit_s):
+            self._setup_data(train_examples, val_examples)
         self.ds_config = deepspeed_config(self.cfg)
-        resume_from = self.ctx.latest_checkpoint()
+        with self.phase("checkpoint lookup", self.setup_limit_s):
+            resume_from = self.ctx.latest_checkpoint()
         # A weights-only checkpoint holds the model as a Hugging Face folder: build the model from it.
         weights_only = resume_from is not None and not (resume_from / "deepspeed").is_dir()
         self.weights_path = str(resume_from / "hf") if weights_only else self.cfg.model.path
         self._preflight_resources()
-        model = self._setup_model()
-        self._setup_engine(model)
+        with self.phase("model build", self.setup_limit_s):
+            model = self._setup_model()
+        # the model's size is known now: limits scaled by it
+        self.setup_limit_s, self.step_limit_s = default_limits(self.cfg, self.n_params)
+        with self.phase("deepspeed.initialize", self.setup_limit_s):
+            self._setup_engine(model)
         self.progress = Progress()
         self._fingerprint = 0
-        self._maybe_resume(resume_from)
-        self.peak_flops = measure_peak_flops(self.device, self.dtype)
+        with self.phase("resume", self.setup_limit_s):
+            self._maybe_resume(resume_from)
+        self.peak_flops = self._peak_flops()
         self.metrics = MetricLogger(self.cfg, enabled=self.is_main)
         self.metrics.log("preflight", {"step": self.progress.global_step, "parameters": self.n_params,
                                        **{f"mem_estimate_{k}": v for k, v in self.memory_estimate.as_dict().items()},
@@ -264,6 +294,21 @@ class FullFinetuneRecipe:
                     "while the oldest is replaced). Use a larger volume, or checkpoint.save_optimizer_state=false "
                     "(weights-only: 2 bytes per parameter), or a smaller checkpoint.keep.")
 
+    # ---- time limits (trainer/watchdog.py) --------------------------------------------------------
+    @contextlib.contextmanager
+    def phase(self, name: str, limit_s: float) -> Iterator[None]:
+        with self.watchdog.phase(name, limit_s):
+            _test_stall(name, self.ctx.rank)
+            yield
+
+    def _peak_flops(self) -> float | None:
+        """The MFU denominator: a matmul rate measured on GPUs, averaged over the ranks so every rank reports the
+        same MFU. None on CPUs: no known peak, so no MFU is reported."""
+        if self.device.type != "cuda":
+            return None
+        peak = torch.tensor(measure_peak_flops(self.device, self.dtype), device=self.device)
+        return self._all_reduce(peak).item() / self.ctx.world_size
+
     def _setup_data(self, train_examples, val_examples) -> None:
         if train_examples is None:
             from datasets import load_from_disk
@@ -277,7 +322,7 @@ class FullFinetuneRecipe:
         self.n_labels = [sum(1 for x in e["labels"] if x != IGNORE_INDEX) for e in train_examples]
         too_long = [i for i, n in enumerate(self.lengths) if n > self.cfg.data.max_length]
         if too_long:
-            raise ValueError(
+            raise ConfigError(
                 f"{len(too_long)} training examples exceed data.max_length={self.cfg.data.max_length} "
                 f"(longest {max(self.lengths)}); re-run `dolly-train prepare --max-length` with the same length"
             )
@@ -345,6 +390,8 @@ class FullFinetuneRecipe:
     def _maybe_resume(self, ckpt: Path | None) -> None:
         if ckpt is None:
             return
+        if (ckpt / "config.yaml").is_file():  # refuse a resume that would reinterpret the saved position
+            checkpointing.check_resume(ckpt / "config.yaml", self.cfg.to_dict(), self.cfg.checkpoint.run_name)
         if (ckpt / "deepspeed").is_dir():
             path, _ = self.engine.load_checkpoint(str(ckpt / "deepspeed"), tag="state",
                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
@@ -406,6 +453,27 @@ class FullFinetuneRecipe:
 
     # ---- the loop ------------------------------------------------------------------------------
     def train(self) -> None:
+        self._sigterm = StopOnSigterm(self.ctx.rank).install()  # trainer/preemption.py
+        try:
+            self._train_loop()
+        finally:
+            self._sigterm.uninstall()
+
+    def _stop_requested(self) -> bool:
+        """Any rank got SIGTERM: all ranks learn it after the same step (one all-reduce of one number)."""
+        flag = torch.tensor(1.0 if self._sigterm.requested.is_set() else 0.0, device=self.device)
+        if self.ctx.world_size > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return flag.item() > 0
+
+    def _stop_for_restart(self, last_ckpt_step: int) -> None:
+        p = self.progress
+        if last_ckpt_step != p.global_step:
+            self.save_checkpoint()
+        raise Preempted(f"rank {self.ctx.rank}: stopped on SIGTERM after step {p.global_step} and saved "
+                        f"checkpoint_{p.global_step:08d}; the restarted run resumes from it")
+
+    def _train_loop(self) -> None:
         cfg, p = self.cfg, self.progress
         last_ckpt_step = p.global_step if getattr(self, "_resumed_from", None) else -1
         bar = self._progress_bar()
@@ -415,7 +483,9 @@ class FullFinetuneRecipe:
             plan = self._plan(p.epoch)
             while p.step_in_epoch < self.steps_per_epoch and p.global_step < self.total_steps:
                 micro, global_labels, real = self.step_batches(plan, p.step_in_epoch)
-                out = self.train_step(micro, global_labels)
+                with self.phase(f"optimizer step {p.global_step + 1}", self.step_limit_s):
+                    _test_oom(p.global_step + 1, self.ctx.rank)
+                    out = self.train_step(micro, global_labels)
                 loss_acc += out["loss_scaled_sum"] / (self.ctx.world_size * self.accum)
                 p.step_in_epoch += 1
                 p.global_step += 1
@@ -434,6 +504,8 @@ class FullFinetuneRecipe:
                     self.save_checkpoint()
                     last_ckpt_step = p.global_step
                 window_t += time.perf_counter() - paused
+                if p.global_step < self.total_steps and self._stop_requested():
+                    self._stop_for_restart(last_ckpt_step)
             if p.step_in_epoch >= self.steps_per_epoch:
                 p.epoch += 1
                 p.step_in_epoch = 0
@@ -466,6 +538,7 @@ class FullFinetuneRecipe:
         p = self.progress
         p.tokens_seen += int(tokens)
         grad_norm = self.engine.get_global_grad_norm()
+        mfu = 6 * self.n_params * tps / (self.peak_flops * self.ctx.world_size) if self.peak_flops else None
         m = {
             "step": p.global_step,
             "epoch": p.epoch + p.step_in_epoch / max(self.steps_per_epoch, 1),
@@ -474,13 +547,15 @@ class FullFinetuneRecipe:
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_s": tps,
             "tokens_per_s_per_worker": tps / self.ctx.world_size,
-            "mfu": 6 * self.n_params * tps / (self.peak_flops * self.ctx.world_size),
+            "mfu": mfu,
             "packing_efficiency": plan.efficiency,
             "step_time_s": elapsed / max(window_steps, 1),
             "tokens_seen": p.tokens_seen,
             "data_fingerprint": self._fingerprint,
         }
         self._fingerprint = 0
+        if mfu is None:
+            del m["mfu"]
         if self.device.type == "cuda":
             m["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
         self.metrics.log("train", m)
@@ -511,7 +586,8 @@ class FullFinetuneRecipe:
         return (total[0] / total[1].clamp(min=1)).item()
 
     def _log_eval(self) -> None:
-        val = self.evaluate()
+        with self.phase("validation", self.setup_limit_s):
+            val = self.evaluate()
         if val is not None:
             self.metrics.log("eval", {"step": self.progress.global_step, "val_loss": val})
             progress_report.report(self, "eval", {"step": self.progress.global_step, "val_loss": val})
@@ -521,7 +597,28 @@ class FullFinetuneRecipe:
         p = self.progress
         name = f"checkpoint_{p.global_step:08d}"
         t0 = time.perf_counter()
-        with self.ctx.checkpoint_dir(name) as d:
+        with self.phase("checkpoint save", self.setup_limit_s), self.ctx.checkpoint_dir(name) as d:
+            self._write_checkpoint(d)
+            if self.ctx.world_size > 1:
+                torch.distributed.barrier()
+            if self.is_main:  # written last: its presence means every rank's files are complete
+                checkpointing.write_manifest(d, p.global_step, self.ctx.world_size)
+        save_s = time.perf_counter() - t0
+        m = {"step": p.global_step, "checkpoint": name, "save_seconds": save_s, "final": final}
+        self.metrics.log("checkpoint", m)
+        progress_report.report(self, "checkpoint", m)
+        self.ctx.report({"step": p.global_step, "checkpoint_save_s": save_s}, checkpoint=d)
+
+    def _write_checkpoint(self, d: Path) -> None:
+        """Every rank's share of a checkpoint. A full volume fails the run naming the path and the bytes needed;
+        the partial folder is removed (it has no manifest, so a resume would skip it anyway)."""
+        p = self.progress
+        previous = checkpointing.checkpoints(d.parent) if self.ctx.run_dir is not None else []
+        previous = [c for c in previous if c.name != d.name and (c / checkpointing.MANIFEST).is_file()]
+        needed = checkpointing.size_of(previous[-1]) if previous else None
+        if needed:
+            checkpointing.check_free_space(d, needed)
+        try:
             if self.cfg.checkpoint.save_optimizer_state:
                 self.engine.save_checkpoint(str(d / "deepspeed"), tag="state")
             else:
@@ -538,13 +635,15 @@ class FullFinetuneRecipe:
                     if model.generation_config is not None:
                         model.generation_config.save_pretrained(d / "hf")
                     copy_tokenizer(self.cfg.model.path, d / "hf")
-        if self.ctx.world_size > 1:
-            torch.distributed.barrier()
-        save_s = time.perf_counter() - t0
-        m = {"step": p.global_step, "checkpoint": name, "save_seconds": save_s, "final": final}
-        self.metrics.log("checkpoint", m)
-        progress_report.report(self, "checkpoint", m)
-        self.ctx.report({"step": p.global_step, "checkpoint_save_s": save_s}, checkpoint=d)
+        except (OSError, RuntimeError) as e:
+            # torch.save reports a full disk as RuntimeError ("file write failed"), plain writes as ENOSPC
+            full = (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left" in str(e) \
+                or shutil.disk_usage(d).free < 16 * 2**20
+            if not full:
+                raise
+            written = checkpointing.size_of(d)
+            shutil.rmtree(d, ignore_errors=True)
+            raise FatalError(checkpointing.enospc_message(d, needed or None, written=written)) from e
 
     def _save_weights_only(self, d: Path) -> None:
         """A weights-only checkpoint: the training-dtype weights as a Hugging Face folder (<d>/hf) and the
@@ -576,8 +675,27 @@ class FullFinetuneRecipe:
 
     def cleanup(self) -> None:
         progress_report.close(self)
+        if hasattr(self, "watchdog"):
+            self.watchdog.close()
         if hasattr(self, "metrics"):  # setup may have failed before the logger existed
             self.metrics.close()
+
+
+# ---- test hooks (the reliability tests set these in real Ray workers) ------------------------------
+
+def _test_stall(phase: str, rank: int) -> None:
+    """DOLLY_TEST_STALL="RANK:PHASE": that rank blocks forever when it enters that phase."""
+    spec = os.environ.get("DOLLY_TEST_STALL", "")
+    if spec and spec == f"{rank}:{phase}":
+        while True:
+            time.sleep(0.2)
+
+
+def _test_oom(step: int, rank: int) -> None:
+    """DOLLY_TEST_OOM_AT_STEP=N: rank 0 runs out of memory in optimizer step N (as torch reports it)."""
+    at = os.environ.get("DOLLY_TEST_OOM_AT_STEP")
+    if at and int(at) == step and rank == 0:
+        raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (DOLLY_TEST_OOM_AT_STEP={at})")
 
 
 def copy_tokenizer(src: str | Path, dst: Path) -> None:

@@ -42,6 +42,10 @@ def split_records(records: list[dict], seed: int, val_size: int | None = None,
                   test_size: int | None = None) -> dict[str, list[dict]]:
     """records (each with `id` and `category`) -> {"train": [...], "validation": [...], "test": [...]}."""
     n = len(records)
+    if n < 3 and (val_size is None or test_size is None):
+        raise DataError(
+            f"{n} usable record{'s' if n != 1 else ''}: the default split needs at least 3 (one each for train, "
+            f"validation and test); add records, or set --val-size and --test-size explicitly", "split")
     default_val, default_test = default_sizes(n)
     val_size = default_val if val_size is None else val_size
     test_size = default_test if test_size is None else test_size

@@ -81,6 +81,8 @@ workerGroupSpecs:
         # The token only where rank 0 may run, and only for the progress annotation (rbac.yaml: get/patch on the
         # RayJob itself).
         automountServiceAccountToken: {{ include "dolly-train.progressOn" $ | eq "true" }}
+        # SIGTERM -> finish the step, save a checkpoint, exit (docs/operations.md): time for that before SIGKILL.
+        terminationGracePeriodSeconds: {{ int $g.terminationGracePeriodSeconds }}
         {{- include "dolly-train.podCommon" $ | nindent 8 }}
         {{- with $g.nodeSelector }}
         nodeSelector:

@@ -1,0 +1,92 @@
+"""Which failures Ray Train may retry, and which stop the run at once.
+
+Ray Train V2 restarts the worker group after any worker error, up to `checkpoint.max_failures` times
+(`DefaultFailurePolicy` treats every `WorkerGroupError` as retryable). A restart fixes a lost node or a killed
+worker; it does not fix an out-of-memory error at the same step with the same shapes, a config error, a missing
+file, an import error or a watchdog timeout: each repeats, `max_failures` times, burning GPU hours.
+
+So the worker turns those into `FatalError` (`classify`), and `StopOnFatalError`, a Ray Train `UserCallback`
+running in the controller, raises as soon as a worker reports one. Ray Train wraps an exception raised in a
+callback into a `ControllerError` that its failure policy does not retry: the run ends with the product's
+message. Worker deaths (`RayActorError`, a node lost, a process killed) never pass through `classify` and stay
+retryable.
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class FatalError(RuntimeError):
+    """A failure that would repeat on restart: the run stops, Ray Train does not retry it."""
+
+    dolly_fatal = True
+
+
+class RunAborted(RuntimeError):
+    """Raised in the Ray Train controller: a worker reported a `FatalError`."""
+
+
+def classify(exc: BaseException) -> FatalError | None:
+    """A `FatalError` for an exception a restart would repeat, else None (Ray Train may retry)."""
+    if isinstance(exc, FatalError):
+        return exc
+    from trainer.config import ConfigError
+
+    try:
+        import torch
+
+        oom = isinstance(exc, torch.OutOfMemoryError)
+    except ImportError:  # pragma: no cover - torch is always there in a worker
+        oom = False
+    if oom:
+        from trainer.recipe import OOM_HINT
+
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return FatalError(f"{OOM_HINT} (not retried: the same step with the same shapes would run out again; "
+                          f"{first})")
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return FatalError(f"no space left on device: {exc}")
+    if isinstance(exc, ConfigError):
+        return FatalError(f"config error (not retried): {exc}")
+    if isinstance(exc, FileNotFoundError):
+        return FatalError(f"missing file (not retried): {exc}")
+    if isinstance(exc, ImportError):
+        return FatalError(f"import error (not retried; check the image's packages): {exc}")
+    return None
+
+
+def is_fatal(exc: BaseException) -> bool:
+    return bool(getattr(exc, "dolly_fatal", False))
+
+
+def _make_callback_class():
+    from ray.train import UserCallback
+
+    class StopOnFatalError(UserCallback):
+        """Controller side: end the run at the first `FatalError` a worker reports (no worker-group restart)."""
+
+        def after_exception(self, run_context, worker_exceptions):
+            fatal = {rank: e for rank, e in sorted(worker_exceptions.items()) if is_fatal(e)}
+            if fatal:
+                raise RunAborted("; ".join(f"rank {rank}: {e}" for rank, e in fatal.items()))
+
+    return StopOnFatalError
+
+
+def stop_on_fatal_callback():
+    """A `StopOnFatalError` instance for `RunConfig(callbacks=[...])` (imports Ray only when called)."""
+    return _make_callback_class()()
+
+
+def root_cause(error: BaseException) -> str:
+    """The product's message out of what `TorchTrainer.fit()` raised (ControllerError / WorkerGroupError)."""
+    inner = getattr(error, "controller_failure", None)
+    if isinstance(inner, RunAborted):
+        return str(inner)
+    failures = getattr(error, "worker_failures", None)
+    if failures:
+        return "; ".join(f"rank {rank}: {e}" for rank, e in sorted(failures.items()))
+    if inner is not None:
+        return f"{type(inner).__name__}: {inner}"
+    return str(error)
