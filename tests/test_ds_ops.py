@@ -88,3 +88,13 @@ def test_train_with_a_stale_lock_of_an_op_it_would_build_fails_fast_naming_it(tm
     assert f"rm {lock}" in proc.stderr and "stale" in proc.stderr
     assert time.monotonic() - t0 < 60
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+
+
+def test_a_prebuilt_op_is_used_only_when_built_for_these_versions(tmp_path):
+    """`scripts/install.sh DS_OPS=...` leaves the library and a stamp of the torch/DeepSpeed versions; a run
+    loads it only when both are there and the stamp matches (else it JIT-builds, lock-checked)."""
+    assert not ds_ops.load_prebuilt("cpu_adam", tmp_path)  # nothing prebuilt
+    (tmp_path / "cpu_adam").mkdir()
+    (tmp_path / "cpu_adam" / "cpu_adam.so").write_bytes(b"not loaded: the stamp does not match")
+    (tmp_path / "cpu_adam" / "dolly-train-stamp.json").write_text('{"torch": "0.0", "deepspeed": "0.0"}')
+    assert not ds_ops.load_prebuilt("cpu_adam", tmp_path)
