@@ -20,7 +20,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PATH := $(CURDIR)/$(TOOLS):$(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help install tools test test-fast test-images demo lint images kind-smoke bench-data bench-generate bench-train clean
+.PHONY: help install tools test test-fast test-images demo lint images kind-smoke bench-data bench-generate bench-train bench-fixed clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -60,6 +60,9 @@ bench-data: install ## tokenize + pack 15,000 Dolly-sized records; prints the ti
 
 bench-generate: install ## vLLM vs transformers generate on the tiny model (CPU) or --model DIR (GPU)
 	$(PY) bench/generate_throughput.py
+
+bench-fixed: install ## fixed costs: CLI imports, Ray start, a 4-step 2-worker train run split by phase, vLLM start
+	$(PY) bench/fixed_costs.py
 
 bench-train: install ## one-GPU training step throughput (run on a GPU machine)
 	$(PY) bench/train_throughput.py --help

@@ -132,6 +132,9 @@ def run_variant(args) -> dict:
     if cpu:
         overrides += ["scaling.use_gpu=false", "model.precision=fp32", "model.attn_implementation=sdpa"]
     cfg = C.load(preset, overrides)
+    from trainer import ds_ops
+
+    ds_ops.prepare(cfg)
     deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl")
     sync = (lambda: None) if cpu else torch.cuda.synchronize
     if not cpu:

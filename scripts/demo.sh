@@ -9,6 +9,10 @@ cd "$(dirname "$0")/.."
 work=${1:-work}
 export RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PATH="$PWD/.venv/bin:$PATH"
+# vLLM's IPC sockets go to a temp dir of this run, removed at exit (a failed run too), not left in /tmp.
+rpc=$(mktemp -d "${TMPDIR:-/tmp}/dolly-demo.XXXXXX")
+trap 'rm -rf "$rpc"' EXIT
+export VLLM_RPC_BASE_PATH=$rpc
 run=tiny-demo
 model=$work/models/tiny
 data=$work/data/synthetic

@@ -6,6 +6,8 @@
 #   EXTRAS=train,eval,k8s,dev              # which optional extras (default: all CPU ones)
 #   TORCH=cpu|skip                         # cpu: the +cpu build (default); skip: keep the image's torch (GPU images)
 #   TORCH_CPU_INDEX=URL                    # where the +cpu build comes from when it is not on local disk
+#   DS_OPS=cpu_adam                        # DeepSpeed ops to build now, not at run time (images whose presets
+#                                          # offload the optimizer); the CPU path needs none (trainer/ds_ops.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,6 +53,14 @@ if [ "$torch_mode" = "cpu" ]; then
   # beside the CPU torch ("operator torchvision::nms does not exist"). Nothing here uses them.
   # (GPU images keep theirs: TORCH=skip leaves the base image's matching builds alone.)
   "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+fi
+
+if [ -n "${DS_OPS:-}" ]; then
+  # Built once into the environment (<prefix>/share/dolly-train/torch_extensions); a run loads the library
+  # directly: no compiler, no torch-extensions lock.
+  echo "==> DeepSpeed ops: ${DS_OPS}"
+  read -r -a ds_ops <<< "${DS_OPS//,/ }"
+  "$py" -m trainer.ds_ops prebuild "${ds_ops[@]}"
 fi
 
 TORCH_MODE=$torch_mode "$py" - <<'PY'

@@ -4,6 +4,10 @@ the tiny Mistral model with the real v3 tokenizer, and a prepared synthetic Doll
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,70 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+
+# Everything a test session writes outside the repo lives under one directory that the session removes at
+# its end, failed tests included: pytest's tmp_path dirs, Ray's session dirs (RAY_TMPDIR), vLLM's IPC sockets
+# and every other temp file of the processes the tests start (TMPDIR), torch extensions builds. Short path:
+# Ray's and vLLM's unix sockets live below it (107-byte limit).
+SESSION_TMP = Path(tempfile.mkdtemp(prefix="dolly-tests-"))
+for _var, _sub in (("TMPDIR", "tmp"), ("RAY_TMPDIR", "ray"), ("TORCH_EXTENSIONS_DIR", "torch_extensions")):
+    (SESSION_TMP / _sub).mkdir()
+    os.environ[_var] = str(SESSION_TMP / _sub)
+tempfile.tempdir = None  # recomputed from TMPDIR: pytest's basetemp goes there too
+
+
+def _session_processes() -> dict[int, int]:
+    """pid -> parent pid of every other process started under this session's TMPDIR (processes inherit it;
+    Ray's daemons outlive a killed driver by being re-parented, but keep it)."""
+    marker = f"TMPDIR={os.environ['TMPDIR']}".encode()
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if marker in (proc / "environ").read_bytes().split(b"\0"):
+                found[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def kill_stray_processes(keep_children: bool) -> list[int]:
+    """SIGKILL the session's processes that no test owns any more: with `keep_children`, those not descended
+    from this pytest process (a live fixture may own those), else all of them. Returns the pids."""
+    procs = _session_processes()
+
+    def ours(pid: int) -> bool:
+        seen = set()
+        while pid in procs and pid not in seen:
+            seen.add(pid)
+            pid = procs[pid]
+        return pid == os.getpid()
+
+    victims = [pid for pid in procs if not (keep_children and ours(pid))]
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return victims
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_processes():
+    """After each test: no process it started outlives it (a timed-out `dolly-train train` leaves Ray's
+    raylet and GCS behind; a crashed vLLM run its engine process)."""
+    yield
+    stray = kill_stray_processes(keep_children=True)
+    if stray:
+        print(f"[conftest] killed {len(stray)} stray process(es) left by this test: {stray}")
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own tmp_path bookkeeping
+def pytest_sessionfinish(session, exitstatus):
+    kill_stray_processes(keep_children=False)
+    time.sleep(0.5)  # let the kernel reap them before their files go
+    shutil.rmtree(SESSION_TMP, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

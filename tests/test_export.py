@@ -24,6 +24,8 @@ SCRIPT = textwrap.dedent(
     cfg = C.load("cpu-tiny", [f"model.path={model_dir}", f"data.path={data_dir}", f"checkpoint.storage_path={out}",
                               "scaling.num_workers=1", "schedule.max_steps=4", f"deepspeed.stage={stage}",
                               "checkpoint.every_steps=100", "logging.every_steps=2", "logging.eval_every_steps=100"])
+    from trainer import ds_ops
+    ds_ops.prepare(cfg)  # as the recipe does, before deepspeed.comm starts
     deepspeed.init_distributed(dist_backend="gloo")
     recipe = FullFinetuneRecipe(cfg, LocalContext(cfg.run_dir()))
     recipe.setup()

@@ -358,6 +358,9 @@ class FullFinetuneRecipe:
         return CausalLMWithResponseLoss(model, self.cfg.model.attn_implementation)
 
     def _setup_engine(self, model: torch.nn.Module) -> None:
+        from trainer import ds_ops
+
+        ds_ops.prepare(self.cfg)  # before deepspeed.comm starts: no run-time op build, no lock waits
         import deepspeed
 
         o = self.cfg.optim
