@@ -116,12 +116,15 @@ def ray_head(tmp_path):
         deadline = time.time() + 120
         while time.time() < deadline:
             assert start.proc.poll() is None, (tmp_path / "ray-head.log").read_text()[-4000:]
-            probe = subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", address],
+            # Ready as KubeRay's head readiness probe means it (dashboard and the raylet's dashboard agent up):
+            # a trivial job runs. `ray job list` alone answers before the agent that runs jobs is up, and a
+            # submit then fails with "No available agent to submit job" on a loaded machine.
+            probe = subprocess.run([str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--", "true"],
                                    env=env, capture_output=True, text=True)
             if probe.returncode == 0:
                 return address
             time.sleep(2)
-        raise AssertionError("the Ray dashboard did not come up in 120 s")
+        raise AssertionError("the Ray head (dashboard + job agent) did not come up in 120 s")
 
     start.proc = None
     yield start
