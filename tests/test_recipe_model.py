@@ -140,6 +140,7 @@ def test_preflight_refuses_a_checkpoint_the_volume_cannot_hold(tmp_path, tiny_mo
     assert checkpoint_bytes(1000, False, "bf16") == 2000
     assert checkpoint_bytes(1000, True, "bf16", stage=3) == 12000
     assert checkpoint_bytes(1000, True, "bf16", stage=2) == 14000
+    assert checkpoint_bytes(1000, True, "fp32", stage=2) == 16000  # the tiny CPU model's ZeRO-2 checkpoints
 
 
 WEIGHTS_ONLY = textwrap.dedent(

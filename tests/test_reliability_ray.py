@@ -28,6 +28,7 @@ LOCAL = textwrap.dedent(
     from trainer.recipe import FullFinetuneRecipe, LocalContext
 
     model_dir, data_dir, storage, steps = sys.argv[1:5]
+    leave_mib = int(sys.argv[5]) if len(sys.argv) > 5 else None  # another writer fills the volume after setup
     cfg = C.load("cpu-tiny", [f"model.path={model_dir}", f"data.path={data_dir}", f"checkpoint.storage_path={storage}",
                               "checkpoint.run_name=local", "scaling.num_workers=1", f"schedule.max_steps={steps}",
                               "schedule.warmup_steps=0", "batch.micro_batch_size=2", "checkpoint.every_steps=2",
@@ -37,6 +38,11 @@ LOCAL = textwrap.dedent(
     recipe = FullFinetuneRecipe(cfg, LocalContext(cfg.run_dir()))
     try:
         recipe.setup()
+        if leave_mib is not None:
+            import shutil
+            free = shutil.disk_usage(storage).free
+            with open(os.path.join(storage, "filler"), "wb") as f:
+                f.write(bytes(max(0, free - leave_mib * 2**20)))  # real bytes: a sparse file takes no room
         recipe.train()
     except FatalError as e:
         print("FATAL:", e, file=sys.stderr)
@@ -48,8 +54,9 @@ LOCAL = textwrap.dedent(
 )
 
 
-def run_local(model, data, storage, steps) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", LOCAL, str(model), str(data), str(storage), str(steps)],
+def run_local(model, data, storage, steps, leave_mib=None) -> subprocess.CompletedProcess:
+    extra = [] if leave_mib is None else [str(leave_mib)]
+    return subprocess.run([sys.executable, "-c", LOCAL, str(model), str(data), str(storage), str(steps), *extra],
                           capture_output=True, text=True, timeout=300)
 
 
@@ -106,7 +113,28 @@ def test_full_volume_fails_the_save_naming_path_and_bytes(small_volume, tmp_path
 
 
 def test_volume_filling_mid_write_fails_naming_path(tmp_path, tiny_model_dir, synthetic_data_dir):
-    """No previous checkpoint to size from: the volume fills during the first save (ENOSPC inside torch.save)."""
+    """No previous checkpoint to size from: the volume has room for one checkpoint when the run starts (the
+    preflight passes), then another writer fills it, and it runs out during the first save (ENOSPC inside
+    torch.save)."""
+    mnt = tmp_path / "vol"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        res = run_local(tiny_model_dir, synthetic_data_dir, mnt, 4, leave_mib=40)
+        out = res.stdout + res.stderr
+        assert res.returncode == 3, out[-4000:]
+        assert "FATAL: checkpoint save to " in out and "no space left on its volume" in out
+        assert "bytes written before the volume filled" in out
+        assert not list((mnt / "local").glob("*checkpoint_*"))  # the partial folder is gone
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_volume_too_small_for_one_checkpoint_is_refused_before_training(tmp_path, tiny_model_dir,
+                                                                        synthetic_data_dir):
+    """A volume that cannot hold one checkpoint of this model: refused at setup, naming the path and sizes."""
     mnt = tmp_path / "vol"
     mnt.mkdir()
     proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mnt)], capture_output=True, text=True)
@@ -116,9 +144,9 @@ def test_volume_filling_mid_write_fails_naming_path(tmp_path, tiny_model_dir, sy
         res = run_local(tiny_model_dir, synthetic_data_dir, mnt, 4)
         out = res.stdout + res.stderr
         assert res.returncode == 3, out[-4000:]
-        assert "FATAL: checkpoint save to " in out and "no space left on its volume" in out
-        assert "bytes written before the volume filled" in out
-        assert not list((mnt / "local").glob("*checkpoint_*"))  # the partial folder is gone
+        assert f"FATAL: {mnt / 'local'}: " in out and "GB free, but one full checkpoint" in out, out[-3000:]
+        assert "checkpoint.save_optimizer_state=false" in out
+        assert not (mnt / "local" / "metrics.jsonl").exists()  # refused before the first step
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 

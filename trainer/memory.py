@@ -82,7 +82,8 @@ def checkpoint_bytes(n_params: int, save_optimizer_state: bool, precision: str, 
     half = 2 if precision == "bf16" else 4
     if not save_optimizer_state:
         return n_params * half  # the weights as a Hugging Face folder
-    # DeepSpeed: fp32 master weights (bf16 runs) + two Adam moments in the optimizer shards (12 bytes per
-    # parameter: 13.69 GB measured for 1.14B parameters on the H200); ZeRO-2's model-state file also holds the
-    # training-dtype weights, ZeRO-3's only placeholders.
-    return n_params * ((4 if precision == "bf16" else 0) + 8 + (half if stage == 2 else 0))
+    # DeepSpeed: the optimizer's fp32 copy of the weights (the master weights of a bf16 run, the flat partition of
+    # an fp32 one) + two Adam moments in the optimizer shards (12 bytes per parameter: 13.69 GB measured for 1.14B
+    # parameters on the H200); ZeRO-2's model-state file also holds the training-dtype weights, ZeRO-3's only
+    # placeholders.
+    return n_params * (12 + (half if stage == 2 else 0))
