@@ -3,6 +3,7 @@ subprocess), and real Ray Train workers that stall in setup or run out of memory
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -86,14 +87,24 @@ def test_truncated_shard_resumes_from_previous_checkpoint(tmp_path, tiny_model_d
 
 @pytest.fixture
 def small_volume(tmp_path):
-    """A 120 MiB tmpfs (needs root, as in CI here); skipped where mounting is not allowed."""
+    """A 120 MiB tmpfs."""
+    with tmpfs(tmp_path, "120m") as mnt:
+        yield mnt
+
+
+@contextlib.contextmanager
+def tmpfs(tmp_path: Path, size: str):
+    """A tmpfs of `size` at <tmp_path>/vol (needs root, as in CI here); skipped where mounting is not allowed."""
     mnt = tmp_path / "vol"
     mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=120m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True,
+                          text=True)
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_full_volume_fails_the_save_naming_path_and_bytes(small_volume, tmp_path, tiny_model_dir, synthetic_data_dir):
@@ -116,39 +127,25 @@ def test_volume_filling_mid_write_fails_naming_path(tmp_path, tiny_model_dir, sy
     """No previous checkpoint to size from: the volume has room for one checkpoint when the run starts (the
     preflight passes), then another writer fills it, and it runs out during the first save (ENOSPC inside
     torch.save)."""
-    mnt = tmp_path / "vol"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path, "160m") as mnt:
         res = run_local(tiny_model_dir, synthetic_data_dir, mnt, 4, leave_mib=40)
         out = res.stdout + res.stderr
         assert res.returncode == 3, out[-4000:]
         assert "FATAL: checkpoint save to " in out and "no space left on its volume" in out
         assert "bytes written before the volume filled" in out
         assert not list((mnt / "local").glob("*checkpoint_*"))  # the partial folder is gone
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_volume_too_small_for_one_checkpoint_is_refused_before_training(tmp_path, tiny_model_dir,
                                                                         synthetic_data_dir):
     """A volume that cannot hold one checkpoint of this model: refused at setup, naming the path and sizes."""
-    mnt = tmp_path / "vol"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path, "40m") as mnt:
         res = run_local(tiny_model_dir, synthetic_data_dir, mnt, 4)
         out = res.stdout + res.stderr
         assert res.returncode == 3, out[-4000:]
         assert f"FATAL: {mnt / 'local'}: " in out and "GB free, but one full checkpoint" in out, out[-3000:]
         assert "checkpoint.save_optimizer_state=false" in out
         assert not (mnt / "local" / "metrics.jsonl").exists()  # refused before the first step
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 # ---- real Ray workers ------------------------------------------------------------------------------
