@@ -55,6 +55,7 @@ t0 = time.perf_counter()
 recipe.device, recipe.dtype = torch.device("cpu"), torch.float32
 recipe._setup_data(None, None)
 recipe.ds_config = C.deepspeed_config(cfg)
+recipe.weights_path = cfg.model.path  # what setup() sets when there is no checkpoint to resume from
 model_ = recipe._setup_model()
 t["data + model load"] = time.perf_counter() - t0
 t0 = time.perf_counter()
@@ -126,7 +127,8 @@ def ray_start(env: dict) -> dict:
 def train_run(env: dict, work: Path) -> tuple[dict, float, bool]:
     cmd = [sys.executable, "-m", "trainer.cli", "train", "--config", "cpu-tiny", f"model.path={work / 'tiny'}",
            f"data.path={work / 'data'}", f"checkpoint.storage_path={work / 'runs'}", "checkpoint.run_name=fixed",
-           "schedule.max_steps=4", "logging.every_steps=1", "logging.eval_every_steps=100"]
+           "schedule.max_steps=4", "logging.every_steps=1", "logging.eval_every_steps=100",
+           "--verbose"]  # Ray's own lines too (the marks below); the default prints only dolly-train's
     wall, lines, rc = timed(cmd, env)
     if rc != 0:
         print("\n".join(line for _, line in lines[-40:]), file=sys.stderr)

@@ -129,13 +129,11 @@ def ray_head(tmp_path):
     start.proc = None
     yield start
     if start.proc is not None and start.proc.poll() is None:
-        # SIGTERM to the `ray start --block` session: it tears down the raylet, GCS and workers it spawned.
-        os.killpg(start.proc.pid, 15)
-        try:
-            start.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(start.proc.pid, 9)
-            start.proc.wait(timeout=30)
+        # SIGKILL to the `ray start --block` session: the raylet, GCS, dashboard and workers it spawned, all at
+        # once. The cluster holds nothing to save once the test is done, and a graceful SIGTERM took 34-39 s
+        # here (each Ray process stopped in turn, with waits); nothing is left in /dev/shm either way.
+        os.killpg(start.proc.pid, 9)
+        start.proc.wait(timeout=30)
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
