@@ -83,9 +83,14 @@ def _no_stray_processes():
 
 @pytest.hookimpl(trylast=True)  # after pytest's own tmp_path bookkeeping
 def pytest_sessionfinish(session, exitstatus):
+    import multiprocessing.util
+
     kill_stray_processes(keep_children=False)
     time.sleep(0.5)  # let the kernel reap them before their files go
-    shutil.rmtree(SESSION_TMP, ignore_errors=True)
+    # Removed when pytest exits, just after multiprocessing removes the temp dir it made there (pymp-*, exit
+    # priority -100): removed now, that finalizer printed a traceback (FileNotFoundError) at the end of every run.
+    multiprocessing.util.Finalize(None, shutil.rmtree, args=(str(SESSION_TMP),), kwargs={"ignore_errors": True},
+                                  exitpriority=-200)
 
 
 @pytest.fixture(scope="session")
