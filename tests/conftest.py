@@ -34,6 +34,16 @@ for _var, _sub in (("TMPDIR", "tmp"), ("RAY_TMPDIR", "ray"), ("TORCH_EXTENSIONS_
 tempfile.tempdir = None  # recomputed from TMPDIR: pytest's basetemp goes there too
 
 
+def _interrupt_on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: `timeout` signals both pytest and its process group
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# SIGTERM (`timeout`, a cancelled CI job) ends the session like Ctrl-C: pytest stops and still runs the cleanup
+# below; Python's default for SIGTERM is to exit at once, leaving the temp dir and every process behind.
+signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+
+
 def _session_processes() -> dict[int, int]:
     """pid -> parent pid of every other process started under this session's TMPDIR (processes inherit it;
     Ray's daemons outlive a killed driver by being re-parented, but keep it)."""
