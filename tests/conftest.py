@@ -34,7 +34,14 @@ for _var, _sub in (("TMPDIR", "tmp"), ("RAY_TMPDIR", "ray"), ("TORCH_EXTENSIONS_
 tempfile.tempdir = None  # recomputed from TMPDIR: pytest's basetemp goes there too
 
 
+_PYTEST_PID = os.getpid()
+
+
 def _interrupt_on_sigterm(signum, frame):
+    if os.getpid() != _PYTEST_PID:  # a child forked from pytest (multiprocessing): the default, exit at once
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: `timeout` signals both pytest and its process group
     raise KeyboardInterrupt(f"signal {signum}")
 
