@@ -155,9 +155,14 @@ def ray_cluster() -> dict[str, str]:
     need a cluster of their own (token auth, a dashboard, the in-process start itself) keep their own.
     `ray start --block` runs in the foreground as a child of pytest: its GCS, raylet and worker processes are
     pytest's descendants (kept by the per-test stray-process check), all in its process group."""
-    with socket.socket() as s:  # never the default 6379: other sessions on this machine may run Ray
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    # Free ports, never Ray's fixed defaults: GCS 6379, and the dashboard agent's HTTP port 52365, which the chart
+    # contract test's head needs for its job agent while this cluster is up (other sessions may run Ray too).
+    port, agent_port = free_port(), free_port()
     address = f"127.0.0.1:{port}"
     ray_bin = Path(sys.executable).parent / "ray"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
@@ -166,7 +171,8 @@ def ray_cluster() -> dict[str, str]:
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             [str(ray_bin), "start", "--head", "--block", "--port", str(port), "--node-ip-address", "127.0.0.1",
-             "--num-cpus", "4", "--include-dashboard", "false", "--disable-usage-stats",
+             "--dashboard-agent-listen-port", str(agent_port), "--num-cpus", "4", "--include-dashboard", "false",
+             "--disable-usage-stats",
              "--temp-dir", os.environ["RAY_TMPDIR"]],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     run_env = {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled", **LOCAL_RUN_ENV}
