@@ -71,6 +71,13 @@ VARIANTS = {
                        "batch.gradient_accumulation_steps=2", "deepspeed.param_persistence_threshold=10000000000"],
     "z3-persist-noac": ["deepspeed.stage=3", "data.packing=true", "model.attn_implementation=flex_attention",
                         "batch.gradient_accumulation_steps=8", "deepspeed.param_persistence_threshold=10000000000"],
+    # "1gpu-*": the shipped single-GPU preset plus one lever (issue 14). Selective activation checkpointing:
+    # only the first N of 32 layers recompute, the others keep their activations in the memory the preset leaves
+    "1gpu-sac-k26": ["model.activation_checkpointing_layers=26"],
+    "1gpu-persist-sac-k26": ["model.activation_checkpointing_layers=26",
+                             "deepspeed.param_persistence_threshold=10000000000"],
+    "1gpu-sac4-k16": ["model.activation_checkpointing_layers=16", "batch.micro_batch_size=4",
+                      "batch.gradient_accumulation_steps=4"],
 }
 DEFAULT_VARIANTS = "preset-1gpu,z3-packed-flex,z3-padded-sdpa,z2-packed-flex,z3-packed-sdpa"
 
@@ -119,8 +126,9 @@ def run_variant(args) -> dict:
     from trainer.recipe import FullFinetuneRecipe, LocalContext
 
     cpu = args.cpu  # a code-path check on a machine without a GPU (tiny numbers, no meaning)
-    preset = "mistral-7b-zero3-1gpu" if args.variant == "preset-1gpu" else "mistral-7b-zero3"
-    base = [] if args.variant == "preset-1gpu" else BASE
+    on_preset = args.variant == "preset-1gpu" or args.variant.startswith("1gpu-")
+    preset = "mistral-7b-zero3-1gpu" if on_preset else "mistral-7b-zero3"
+    base = [] if on_preset else BASE
     overrides = base + VARIANTS[args.variant] + [
         "scaling.num_workers=1", f"data.max_length={args.max_length}", "checkpoint.storage_path=/tmp/dolly-bench",
         f"checkpoint.run_name={args.variant}", f"model.path={args.model}",

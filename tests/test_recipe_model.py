@@ -29,29 +29,33 @@ SCRIPT = textwrap.dedent(
     model_dir, data_dir, out, ac = sys.argv[1:5]
     cfg = C.load("cpu-tiny", [f"model.path={model_dir}", f"data.path={data_dir}", f"checkpoint.storage_path={out}",
                               "scaling.num_workers=1", "schedule.max_steps=2", "deepspeed.stage=3",
-                              f"model.activation_checkpointing={ac}", "batch.gradient_accumulation_steps=2"])
+                              f"model.activation_checkpointing={ac}", "batch.gradient_accumulation_steps=2",
+                              *sys.argv[6:]])
     deepspeed.init_distributed(dist_backend="gloo")
     recipe = FullFinetuneRecipe(cfg, LocalContext(cfg.run_dir()))
     recipe.setup()
     hf = recipe.engine.module.model
     calls = []
     hf.model.layers[0].register_forward_pre_hook(lambda m, a: calls.append(m.training))
+    per_layer = [0] * len(hf.model.layers)
+    for i, layer in enumerate(hf.model.layers):
+        layer.register_forward_pre_hook(lambda m, a, i=i: per_layer.__setitem__(i, per_layer[i] + 1))
     plan = recipe._plan(0)
     micro, labels, _ = recipe.step_batches(plan, 0)
     recipe.train_step(micro, labels)
     print("RESULT " + json.dumps({
         "module_training": [m.training for m in recipe.engine.module.modules()].count(False) == 0,
-        "layer_calls": len(calls), "micro_batches": len(micro),
+        "layer_calls": len(calls), "micro_batches": len(micro), "calls_per_layer": per_layer,
     }))
     """
 )
 
 
-def run(tmp_path, model_dir, data_dir, ac: bool, port: int) -> dict:
+def run(tmp_path, model_dir, data_dir, ac: bool, port: int, *overrides: str) -> dict:
     import json
 
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(model_dir), str(data_dir), str(tmp_path),
-                           str(ac).lower(), str(port)], capture_output=True, text=True, timeout=600)
+                           str(ac).lower(), str(port), *overrides], capture_output=True, text=True, timeout=600)
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and line, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(line[-1].removeprefix("RESULT "))
@@ -66,6 +70,18 @@ def test_from_pretrained_model_trains_in_training_mode_with_checkpointing(tmp_pa
     # one forward per micro-batch without checkpointing; a recompute per micro-batch with it
     assert without["layer_calls"] == without["micro_batches"] == 2
     assert with_ac["layer_calls"] == 2 * with_ac["micro_batches"] == 4
+
+
+@pytest.mark.slow
+def test_selective_checkpointing_recomputes_only_the_first_n_layers(tmp_path, tiny_model_dir, synthetic_data_dir):
+    """model.activation_checkpointing_layers=1: layer 0 runs twice per micro-batch (forward + recompute), every
+    later layer once; a count above the model's depth is refused with the key named."""
+    sel = run(tmp_path / "sel", tiny_model_dir, synthetic_data_dir, True, 29543, "model.activation_checkpointing_layers=1")
+    micro = sel["micro_batches"]
+    assert len(sel["calls_per_layer"]) >= 2
+    assert sel["calls_per_layer"] == [2 * micro] + [micro] * (len(sel["calls_per_layer"]) - 1)
+    with pytest.raises(AssertionError, match="activation_checkpointing_layers=99: the model has only"):
+        run(tmp_path / "bad", tiny_model_dir, synthetic_data_dir, True, 29544, "model.activation_checkpointing_layers=99")
 
 
 # ---- preflight: GPU memory estimate and checkpoint size -----------------------------------------------
@@ -96,6 +112,22 @@ def test_memory_estimate_separates_what_fits_one_h200_from_what_does_not():
     assert preset.optimizer_gib * 2**30 == pytest.approx(12 * n)
     eight = estimate_gpu_memory(C.load("mistral-7b-zero3"), mc, n, 8)
     assert eight.optimizer_gib == pytest.approx(preset.optimizer_gib / 8)
+
+
+def test_memory_estimate_of_selective_checkpointing_lies_between_none_and_full():
+    from trainer import config as C
+    from trainer.memory import estimate_gpu_memory
+
+    mc, n = _mistral_7b_config()
+    acts = {k: estimate_gpu_memory(C.load("mistral-7b-zero3-1gpu", [f"model.activation_checkpointing_layers={k}"]),
+                                   mc, n, 1).activations_gib for k in (32, 24, 0)}
+    full = estimate_gpu_memory(C.load("mistral-7b-zero3-1gpu"), mc, n, 1).activations_gib
+    none = estimate_gpu_memory(C.load("mistral-7b-zero3-1gpu", ["model.activation_checkpointing=false"]),
+                               mc, n, 1).activations_gib
+    assert acts[32] == pytest.approx(full)
+    assert full < acts[24] < acts[0] < none + 3  # 0 checkpointed layers ~ no checkpointing (+ one recompute set)
+    # each layer that keeps its activations adds its full set minus the input it would have kept
+    assert (acts[24] - full) == pytest.approx((acts[0] - full) * 8 / 32)
 
 
 def _bare_recipe(tmp_path, tiny_model_dir, *overrides):

@@ -49,6 +49,11 @@ class ModelConfig:
     precision: str = _f("fp32", "Training precision: 'bf16' on GPUs (fp32 master weights kept by DeepSpeed), 'fp32' on CPUs.",
                         choices=("bf16", "fp32"))
     activation_checkpointing: bool = _f(False, "Recompute activations in the backward pass: less memory, ~30% more compute.")
+    activation_checkpointing_layers: int | None = _f(
+        None,
+        "With activation_checkpointing: how many decoder layers (the first N) recompute their activations; the "
+        "others keep them. null = every layer. Fewer trades GPU memory for speed (selective checkpointing).",
+        minimum=0)
 
 
 @dataclass

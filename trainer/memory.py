@@ -66,8 +66,11 @@ def estimate_gpu_memory(cfg, model_config, n_params: int, world_size: int) -> Me
     # MLP gate/up/activation/product, down_proj output (SDPA/flex keep no L x L matrix).
     per_layer = 2 * H + (heads + 2 * kv) * head_dim + heads * head_dim + H + 4 * I + H
     if cfg.model.activation_checkpointing:
-        # each layer keeps its input; one layer's full set lives at a time while it is recomputed
-        activations = tokens * (n_layers * H + per_layer) * half
+        # a checkpointed layer keeps its input, one layer's full set lives at a time while it is recomputed;
+        # with selective checkpointing the layers past `activation_checkpointing_layers` keep their full set
+        n_ckpt = cfg.model.activation_checkpointing_layers
+        n_ckpt = n_layers if n_ckpt is None else min(n_ckpt, n_layers)
+        activations = tokens * (n_ckpt * H + (n_layers - n_ckpt) * per_layer + per_layer) * half
     else:
         activations = tokens * n_layers * per_layer * half
     # LM head over label positions (at most every token): fp32 logits, their gradient and the bf16 product.

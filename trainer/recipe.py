@@ -153,6 +153,18 @@ class RayContext:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def set_checkpointed_layers(model: torch.nn.Module, n: int | None) -> None:
+    """Selective activation checkpointing: only the first `n` decoder layers recompute in backward (None: all).
+    transformers checkpoints a layer when its `gradient_checkpointing` flag is set; the rest keep activations."""
+    if n is None:
+        return
+    layers = model.model.layers
+    if n > len(layers):
+        raise ConfigError(f"model.activation_checkpointing_layers={n}: the model has only {len(layers)} decoder layers")
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i < n
+
+
 # ---- the model wrapper DeepSpeed trains ----------------------------------------------------------
 
 class CausalLMWithResponseLoss(torch.nn.Module):
@@ -354,6 +366,7 @@ class FullFinetuneRecipe:
         model.train()
         if self.cfg.model.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            set_checkpointed_layers(model, self.cfg.model.activation_checkpointing_layers)
         self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         return CausalLMWithResponseLoss(model, self.cfg.model.attn_implementation)
 
