@@ -134,7 +134,7 @@ def train_run(env: dict, work: Path) -> tuple[dict, float, bool]:
     at = {}
     for label, pattern in MARKS:
         at[label] = next((t for t, line in lines if re.search(pattern, line)), None)
-    rows = [json.loads(x) for x in (work / "runs" / "fixed" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (work / "runs" / "fixed" / "metrics.jsonl").read_text().split("\n") if x.strip()]
     first = next(r for r in rows if r["kind"] == "train")
     built = any("built successfully" in line for _, line in lines)
     step1 = first["step_time_s"]

@@ -25,7 +25,7 @@ WARMUP_LOGS = 2  # logged windows dropped at the start of each leg (compile, all
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
 
 
 def legs(records: list[dict]) -> list[list[dict]]:

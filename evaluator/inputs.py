@@ -163,7 +163,12 @@ def read_test_split(data_dir: str | Path) -> TestSplit:
     except UnicodeDecodeError as e:
         raise EvalInputError(f"{path}: not UTF-8 (byte {e.start}: {e.reason})") from e
     records, seen = [], {}
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # split on "\n" only: str.splitlines() also breaks at U+2028, U+0085 and other characters that JSON
+    # strings carry unescaped (ensure_ascii=False), which would cut a record in two
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the newline that ends the last record
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             raise EvalInputError(f"{path}:{lineno}: empty line")
         try:

@@ -232,3 +232,42 @@ def test_weights_only_checkpoint_resumes_weights_schedule_and_position(tmp_path,
     # the resumed steps continue the loss curve (no jump back to the untrained loss of step 1)
     loss = {m["step"]: m["loss"] for m in train if m["kind"] == "train"}
     assert loss[5] < loss[1] and loss[6] < loss[1]
+
+
+ROPE_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, torch
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29545", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+    from trainer.recipe import restore_fp32_rope
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    plain = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16).model.rotary_emb.inv_freq
+    ds = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}, "zero_optimization": {"stage": 3}}
+    keep = HfDeepSpeedConfig(ds)  # from_pretrained now builds the model under deepspeed.zero.Init
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
+    before = model.model.rotary_emb.inv_freq.clone()
+    n = restore_fp32_rope(model)
+    after = model.model.rotary_emb
+    print("ROPE", before.dtype, plain.dtype, after.inv_freq.dtype, n,
+          float((before.float() - plain).abs().max()), float((after.inv_freq - plain).abs().max()),
+          float((after.original_inv_freq - plain).abs().max()), restore_fp32_rope(model))
+    """
+)
+
+
+@pytest.mark.slow
+def test_rotary_frequencies_stay_fp32_under_zero3_init(tiny_model_dir):
+    """zero.Init casts the rotary inv_freq buffer to bf16 (positions drift from what the export and vLLM use);
+    the recipe recomputes it in fp32, equal to a plain load's."""
+    proc = subprocess.run([sys.executable, "-c", ROPE_SCRIPT, str(tiny_model_dir)], capture_output=True, text=True,
+                          timeout=600)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROPE ")]
+    assert proc.returncode == 0 and line, proc.stdout[-3000:] + proc.stderr[-3000:]
+    before, plain, after, n, err_before, err_after, err_orig, again = line[-1].split()[1:]
+    assert (before, plain, after) == ("torch.bfloat16", "torch.float32", "torch.float32")
+    assert float(err_before) > 1e-4  # the bug: bf16 frequencies
+    assert int(n) == 1 and float(err_after) == 0.0 and float(err_orig) == 0.0
+    assert int(again) == 0  # nothing left to fix

@@ -153,6 +153,27 @@ class RayContext:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def restore_fp32_rope(model: torch.nn.Module) -> int:
+    """Give every rotary embedding back its fp32 inverse frequencies; returns how many were recomputed.
+
+    Under ZeRO-3, `from_pretrained` builds the model inside `deepspeed.zero.Init`, which turns every floating
+    tensor created there into the training dtype - the rotary `inv_freq` buffer too (bf16: 0.6484 for
+    0.6494). RoPE angles are position x inv_freq, so at position 2,000 the error reaches radians: the model
+    would train with other positions than the exported folder and vLLM (fp32 inv_freq) use. Found on an H200 as
+    a 1.2 logit gap between the live engine and its export. A fresh rotary module, built outside zero.Init,
+    recomputes the buffers in fp32 with the model's own RoPE settings."""
+    n = 0
+    for module in model.modules():
+        inv = getattr(module, "inv_freq", None)
+        if isinstance(inv, torch.Tensor) and inv.dtype != torch.float32 and hasattr(module, "config"):
+            fresh = type(module)(module.config)
+            module.inv_freq = fresh.inv_freq.to(inv.device)
+            if hasattr(fresh, "original_inv_freq"):
+                module.original_inv_freq = fresh.original_inv_freq.to(inv.device)
+            n += 1
+    return n
+
+
 def set_checkpointed_layers(model: torch.nn.Module, n: int | None) -> None:
     """Selective activation checkpointing: only the first `n` decoder layers recompute in backward (None: all).
     transformers checkpoints a layer when its `gradient_checkpointing` flag is set; the rest keep activations."""
@@ -360,6 +381,7 @@ class FullFinetuneRecipe:
         model = AutoModelForCausalLM.from_pretrained(
             self.weights_path, dtype=self.dtype, attn_implementation=self.cfg.model.attn_implementation)
         model.config.use_cache = False
+        restore_fp32_rope(model)
         # from_pretrained returns the model in eval mode, and transformers applies activation checkpointing
         # only in training mode (`self.gradient_checkpointing and self.training`): without this, the
         # checkpointing preset silently kept every activation and ran out of memory on the GPU.

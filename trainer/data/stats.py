@@ -66,7 +66,8 @@ def split_lengths(data: Path, manifest: dict) -> dict[str, tuple[list[str], list
     if test.is_file() and tokenizer.is_file():
         from trainer.prompt import PromptEncoder
 
-        records = [json.loads(line) for line in test.read_text(encoding="utf-8").splitlines() if line.strip()]
+        # "\n" only: str.splitlines() would also split at U+2028 inside a record's text
+        records = [json.loads(line) for line in test.read_text(encoding="utf-8").split("\n") if line.strip()]
         encoded = PromptEncoder(tokenizer.parent).encode_examples(records)
         out["test"] = ([r["category"] for r in records], [len(e.input_ids) for e in encoded])
     return out
