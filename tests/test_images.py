@@ -283,6 +283,31 @@ def test_build_script_builds_every_image_with_its_name_and_version():
     assert bad.returncode == 2 and "no images/gpu/Dockerfile" in bad.stderr
 
 
+def test_pin_script_rewrites_each_base_as_tag_at_digest(tmp_path):
+    """scripts/pin-base-images.sh, the documented way to pin the bases (docs/images.md), run against a fake
+    `crane`: it asks for each upstream tag with the ARG defaults expanded, writes `tag@sha256:...` as the
+    BASE_IMAGE default, and a second run re-resolves the tag, not the old digest."""
+    import hashlib
+
+    for f in ["scripts/pin-base-images.sh", *(f"images/{n}/Dockerfile" for n in IMAGES)]:
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / f, tmp_path / f)
+    bin_dir, asked = tmp_path / "bin", tmp_path / "asked"
+    bin_dir.mkdir()
+    (bin_dir / "crane").write_text(f'#!/bin/sh\n[ "$1" = digest ] || exit 9\necho "$2" >> {asked}\n'
+                                   'printf "sha256:%s\\n" "$(printf %s "$2$SALT" | sha256sum | cut -d" " -f1)"\n')
+    (bin_dir / "crane").chmod(0o755)
+    expected = {n: Dockerfile(REPO / "images" / n / "Dockerfile").froms()[0].split("@")[0] for n in IMAGES}
+    for salt in ("", "moved"):  # the tag moved upstream: the second run pins the new digest
+        res = subprocess.run(["bash", "scripts/pin-base-images.sh"], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=60, env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SALT": salt})
+        assert res.returncode == 0, res.stderr
+        for name, tag in expected.items():
+            digest = "sha256:" + hashlib.sha256((tag + salt).encode()).hexdigest()
+            assert Dockerfile(tmp_path / "images" / name / "Dockerfile").froms()[0] == f"{tag}@{digest}", name
+    assert sorted(asked.read_text().split()) == sorted(list(expected.values()) * 2)
+
+
 def test_chart_and_eval_jobs_use_these_image_names():
     """The chart and the eval Jobs reference the images this directory builds, at the project version."""
     import yaml
