@@ -571,6 +571,28 @@ print(f'prebuilt ops loaded for {sorted(k for k, v in needing.items() if v)}; De
 """
 
 
+def _ops_are_portable(env: dict, ctr: str, image: str) -> str:
+    """The prebuilt ops target DS_OPS_MARCH (x86-64-v3: AVX2), not the build machine's CPU (this one has
+    AVX-512): no AVX-512 register in their code, so they run on nodes without it. Read from the libraries
+    themselves, in the container's mounted root, with the host's objdump. Returns what was checked."""
+    import platform
+
+    if platform.machine() != "x86_64" or not shutil.which("objdump"):
+        return f"AVX-512 check not run (machine {platform.machine()}, objdump {shutil.which('objdump')})"
+    prefix = Dockerfile(REPO / "images" / image / "Dockerfile").arg_defaults()["PYTHON_PREFIX"]
+    root = Path(_sh(["buildah", "mount", ctr], env, 120).stdout.strip().splitlines()[-1])
+    try:
+        libs = sorted((root / prefix.lstrip("/") / "share/dolly-train/torch_extensions").glob("*/*.so"))
+        assert libs, f"{image}: no prebuilt op library under {prefix}/share/dolly-train/torch_extensions"
+        for lib in libs:
+            asm = _sh(["objdump", "-d", "--no-show-raw-insn", str(lib)], env, 300).stdout
+            assert "%zmm" not in asm, f"{image}: {lib.name} uses AVX-512 registers (built for the build machine's CPU)"
+            assert "%ymm" in asm, f"{image}: {lib.name} has no AVX2 code (built for a scalar target?)"
+        return f"{', '.join(lib.name for lib in libs)}: AVX2 code, no AVX-512"
+    finally:
+        subprocess.run(["buildah", "umount", ctr], env=env, capture_output=True, timeout=120)
+
+
 def _pod_containers(obj: dict) -> list[dict]:
     spec = obj["spec"]["template"]["spec"]
     return list(spec.get("initContainers") or []) + list(spec["containers"])
@@ -641,6 +663,9 @@ def test_cpu_image_runs_the_chart_and_eval_job_commands_on_a_mounted_volume(engi
     # Every DeepSpeed op a preset needs is prebuilt (the ds-ops builder stage) and loads without a compiler.
     out = run("prebuilt DeepSpeed ops", ["python", "-c", CPU_ADAM_PROBE], {})
     assert "DeepSpeedCPUAdam stepped" in out and "not prebuilt" not in out, out
+    portable = _ops_are_portable(engine, ctr, "cpu")
+    with capsys.disabled():
+        print(f"\n  cpu: {out.strip().splitlines()[-1]}\n  cpu: {portable}")
 
     # Staging Job: init tiny model + prepare synthetic data onto the volume.
     out = run("staging", stage_c["command"] + stage_c["args"], _container_env(stage_c, {}))
@@ -765,5 +790,7 @@ def test_gpu_image_builds_on_a_standin_base(engine, context, container, name, ca
     if name in TRAINING_IMAGES:  # the offload preset runs in the trainer image: its cpu_adam is prebuilt there too
         out = run(["python", "-c", CPU_ADAM_PROBE])
         assert "DeepSpeedCPUAdam stepped" in out and "not prebuilt" not in out, out
+        with capsys.disabled():
+            print(f"\n  {name}: {out.strip().splitlines()[-1]}\n  {name}: {_ops_are_portable(engine, ctr, name)}")
     with capsys.disabled():
         print(f"\n  {name}: built on {base} with {' '.join(flags)}; NOT built here: {not_built}")
