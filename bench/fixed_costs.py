@@ -37,7 +37,12 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29600 + os.getpid() %
                   LOCAL_RANK="0")
 import deepspeed, torch
 from trainer import config as C
-from trainer.recipe import FullFinetuneRecipe, LocalContext
+from trainer.recipe import FullFinetuneRecipe
+try:
+    from trainer.contexts import LocalContext
+    from trainer.metrics import MetricLogger
+except ImportError:  # a checkout from before trainer/contexts.py (the "before" figures)
+    from trainer.recipe import LocalContext, MetricLogger
 t["import (torch, transformers, deepspeed)"] = time.perf_counter() - t0
 model, data, out = sys.argv[1:4]
 cfg = C.load("cpu-tiny", [f"model.path={model}", f"data.path={data}", f"checkpoint.storage_path={out}",
@@ -66,7 +71,7 @@ micro, labels, _ = recipe.step_batches(plan, 0)
 t0 = time.perf_counter()
 recipe.train_step(micro, labels)
 t["first step"] = time.perf_counter() - t0
-from trainer.recipe import MetricLogger, Progress
+from trainer.recipe import Progress
 recipe.progress, recipe.metrics = Progress(global_step=1), MetricLogger(cfg, enabled=True)
 t0 = time.perf_counter()
 recipe.save_checkpoint()

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Iterable
 
 import yaml
-from tqdm import tqdm
 
 from trainer.atomic import atomic_dir
 from trainer.data.records import SOURCES, DataError, Raw, read_hub, read_jsonl, read_synthetic, record_id, validate
@@ -94,6 +93,8 @@ def collect(raws: Iterable[Raw], skip_invalid: bool, num_examples: int | None) -
 
 def tokenize(records: list[dict], encoder: PromptEncoder, max_length: int) -> tuple[list[dict], list[dict], int]:
     """(kept records, their encodings, number dropped for being longer than max_length)."""
+    from tqdm import tqdm
+
     kept, encoded, too_long = [], [], 0
     start_time = time.perf_counter()
     with tqdm(total=len(records), desc="tokenize", unit="rec", disable=None) as bar:

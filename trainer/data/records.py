@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from trainer.data.synthetic import CATEGORY_MIX
-
 HUB_DATASET = "databricks/databricks-dolly-15k"
-CATEGORIES = tuple(CATEGORY_MIX)
+# Dolly-15k's eight categories, most common first (the synthetic generator allocates in this order).
+CATEGORIES = ("open_qa", "general_qa", "classification", "closed_qa", "brainstorming", "information_extraction",
+              "summarization", "creative_writing")
+# Every record of these categories has a context passage in Dolly-15k, and no record of the others.
+CONTEXT_CATEGORIES = frozenset({"closed_qa", "information_extraction", "summarization"})
 FIELDS = ("instruction", "context", "response", "category")
 SOURCES = ("hub", "jsonl", "synthetic")
 

@@ -20,8 +20,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from trainer.data.prepare import resolve_options
 from trainer.data.records import DataError
 
@@ -31,6 +29,8 @@ PERCENTILES = (50, 90, 99)
 def length_stats(lengths: list[int]) -> dict:
     if not lengths:
         return {"count": 0, "mean": None, "p50": None, "p90": None, "p99": None, "max": None}
+    import numpy as np
+
     a = np.asarray(lengths)
     out = {"count": int(a.size), "mean": round(float(a.mean()), 1)}
     out.update({f"p{q}": int(np.percentile(a, q, method="inverted_cdf")) for q in PERCENTILES})
@@ -126,6 +126,7 @@ def _atomic_write(path: Path, write) -> None:
 
 def plot(lengths: dict, stats: dict, path: Path) -> None:
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

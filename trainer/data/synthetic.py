@@ -24,19 +24,20 @@ from __future__ import annotations
 import math
 import random
 
+from trainer.data.records import CATEGORIES, CONTEXT_CATEGORIES
+
 # Dolly-15k's category shares (sampled from the real file; rounded, they sum to 1.01 and are normalized
-# where used). Order matters: it is the allocation order.
-CATEGORY_MIX = {
-    "open_qa": 0.25,
-    "general_qa": 0.15,
-    "classification": 0.14,
-    "closed_qa": 0.12,
-    "brainstorming": 0.12,
-    "information_extraction": 0.10,
-    "summarization": 0.08,
-    "creative_writing": 0.05,
-}
-CONTEXT_CATEGORIES = frozenset({"closed_qa", "information_extraction", "summarization"})
+# where used), for the schema's categories in the schema's order, which is the allocation order.
+CATEGORY_MIX = dict(zip(CATEGORIES, (
+    0.25,  # open_qa
+    0.15,  # general_qa
+    0.14,  # classification
+    0.12,  # closed_qa
+    0.12,  # brainstorming
+    0.10,  # information_extraction
+    0.08,  # summarization
+    0.05,  # creative_writing
+), strict=True))
 PROFILES = ("learnable", "dolly")
 
 # ---- the fixed world ---------------------------------------------------------------------------------
