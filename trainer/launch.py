@@ -174,12 +174,12 @@ def train_loop_per_worker(config_dict: dict) -> None:
 
 
 def run_training(cfg: TrainConfig) -> object:
+    absolutize(cfg)
+    preflight(cfg)  # before Ray is imported: a wrong path is refused at once
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    absolutize(cfg)
-    preflight(cfg)
     local = not (ray.is_initialized() or os.environ.get("RAY_ADDRESS"))
     for key, value in {**RAY_TRAIN_ENV, **(RAY_TRAIN_LOCAL_ENV if local else {})}.items():
         os.environ.setdefault(key, value)  # read by TorchTrainer, which passes them on to controller and workers
