@@ -34,11 +34,11 @@ import torch
 from trainer import checkpointing
 from trainer import progress as progress_report
 from trainer.config import ConfigError, TrainConfig, deepspeed_config
-from trainer.data.packing import EpochPlan, collate_packed, plan_epoch, shard_batches
+from trainer.data.packing import EpochPlan, collate_packed, collate_padded, plan_epoch, shard_batches
 from trainer.export import copy_tokenizer, save_hf_folder
 from trainer.failures import FatalError
 from trainer.fault_injection import oom_if_asked, stall_if_asked
-from trainer.log import get_logger
+from trainer.log import datasets_progress_bars, get_logger
 from trainer.memory import check_gpu_memory, check_volume, checkpoint_bytes
 from trainer.metrics import MetricLogger
 from trainer.mfu import measure_peak_flops, mfu
@@ -146,6 +146,7 @@ class FullFinetuneRecipe:
         if train_examples is None:
             from datasets import load_from_disk
 
+            datasets_progress_bars()
             root = Path(self.cfg.data.path) / "tokenized"
             train_examples = load_from_disk(str(root / "train")).select_columns(["id", "input_ids", "labels"]).to_list()
             val_examples = load_from_disk(str(root / "validation")).select_columns(["id", "input_ids", "labels"]).to_list()
@@ -259,17 +260,17 @@ class FullFinetuneRecipe:
         step_batches = plan.batches[lo:hi]  # all workers' micro-batches of this step
         global_labels = sum(self.n_labels[i] for b in step_batches for row in b for i in row)
         mine = shard_batches(step_batches, self.ctx.rank, W)
-        micro = [self.collate(b, self.train_examples, self.lengths) for b in mine]
+        micro = [self.collate(b, self.train_examples) for b in mine]
         real = sum(self.lengths[i] for b in mine for row in b for i in row)
         # crc of the whole step's example indices, in order: lets a resumed run prove it saw the same data
         self._fingerprint = zlib.crc32(repr(step_batches).encode(), self._fingerprint)
         return micro, global_labels, real
 
-    def collate(self, rows: list[list[int]], examples: list[dict], lengths: list[int]) -> dict:
+    def collate(self, rows: list[list[int]], examples: list[dict]) -> dict:
         """Packed rows fill max_length; padded rows (one example each) pad to the longest in the batch."""
-        L = self.cfg.data.max_length if self.cfg.data.packing else max(
-            [sum(lengths[i] for i in row) for row in rows] + [1])
-        return collate_packed([[examples[i] for i in row] for row in rows], L)
+        if self.cfg.data.packing:
+            return collate_packed([[examples[i] for i in row] for row in rows], self.cfg.data.max_length)
+        return collate_padded([examples[i] for row in rows for i in row])
 
     def train_step(self, micro: list[dict], global_labels: int) -> dict:
         W, A = self.ctx.world_size, self.accum
@@ -412,7 +413,7 @@ class FullFinetuneRecipe:
         total = torch.zeros(2, device=self.device)
         self.engine.eval()
         for rows in mine:
-            mb = {k: v.to(self.device) for k, v in self.collate(rows, self.val_examples, lengths).items()}
+            mb = {k: v.to(self.device) for k, v in self.collate(rows, self.val_examples).items()}
             loss_sum, n = self.engine(mb["input_ids"], mb["labels"], mb["position_ids"], mb["doc_ids"], 1.0)
             total += torch.stack([loss_sum.float(), n.float()])
         self.engine.train()

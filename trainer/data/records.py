@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from trainer.log import datasets_progress_bars
+
 HUB_DATASET = "databricks/databricks-dolly-15k"
 # Dolly-15k's eight categories, most common first (the synthetic generator allocates in this order).
 CATEGORIES = ("open_qa", "general_qa", "classification", "closed_qa", "brainstorming", "information_extraction",
@@ -97,6 +99,7 @@ def read_hub(path: str | Path | None = None) -> Iterator[Raw]:
     local copy (a dataset repo folder, or a .jsonl/.json/.parquet file) - the way to run without the hub."""
     import datasets
 
+    datasets_progress_bars()
     if path is None:
         name, kwargs = HUB_DATASET, {}
     else:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from trainer.data.prepare import resolve_options
 from trainer.data.records import DataError
+from trainer.log import datasets_progress_bars
 
 PERCENTILES = (50, 90, 99)
 
@@ -51,7 +52,10 @@ def _read_manifest(data: Path) -> dict:
 def split_lengths(data: Path, manifest: dict) -> dict[str, tuple[list[str], list[int]]]:
     """split -> (categories, token lengths), one entry per example, in the split's order."""
     import datasets
+
     import pyarrow.compute as pc
+
+    datasets_progress_bars()
 
     out = {}
     for name in ("train", "validation"):
