@@ -25,8 +25,9 @@ from typing import Iterable
 import yaml
 
 from trainer.atomic import atomic_dir
-from trainer.data.records import SOURCES, DataError, Raw, read_hub, read_jsonl, read_synthetic, record_id, validate
+from trainer.data.records import SOURCES, DataError, Raw, read_hub, read_jsonl, record_id, validate
 from trainer.data.split import SPLITS, split_records
+from trainer.data.synthetic import read_synthetic
 from trainer.log import datasets_progress_bars, get_logger
 from trainer.prompt import PromptEncoder
 

@@ -1,4 +1,5 @@
-"""Dolly records: the three sources, validation and stable ids.
+"""Dolly records, the data schema: fields and categories, the hub and JSONL sources, validation and stable ids
+(the synthetic source is `trainer.data.synthetic.read_synthetic`).
 
 A source yields `Raw` items (where it came from + the parsed object, or the reason it could not be parsed);
 `validate()` turns one into a clean record or raises `DataError` naming the file, the line and the field.
@@ -122,9 +123,3 @@ def read_hub(path: str | Path | None = None) -> Iterator[Raw]:
     for i, row in enumerate(ds):
         yield Raw(f"{name} row {i}", i, row)
 
-
-def read_synthetic(num_examples: int, seed: int, profile: str = "learnable") -> Iterator[Raw]:
-    from trainer.data.synthetic import generate
-
-    for i, rec in enumerate(generate(num_examples, seed=seed, profile=profile)):
-        yield Raw(f"synthetic:{i}", None, rec)

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Iterator
 
-from trainer.data.records import CATEGORIES, CONTEXT_CATEGORIES
+from trainer.data.records import CATEGORIES, CONTEXT_CATEGORIES, Raw
 
 # Dolly-15k's category shares (sampled from the real file; rounded, they sum to 1.01 and are normalized
 # where used), for the schema's categories in the schema's order, which is the allocation order.
@@ -400,3 +401,9 @@ def generate(num_examples: int, seed: int = 0, profile: str = "learnable") -> li
         seen.add(key)
         records.append({"instruction": instruction, "context": context, "response": response, "category": category})
     return records
+
+
+def read_synthetic(num_examples: int, seed: int, profile: str = "learnable") -> Iterator[Raw]:
+    """The synthetic source of `dolly-train prepare`: generated records as `Raw` items."""
+    for i, rec in enumerate(generate(num_examples, seed=seed, profile=profile)):
+        yield Raw(f"synthetic:{i}", None, rec)
