@@ -37,7 +37,7 @@ from trainer.config import ConfigError, TrainConfig, deepspeed_config
 from trainer.data.packing import EpochPlan, collate_packed, collate_padded, plan_epoch, shard_batches
 from trainer.export import copy_tokenizer, save_hf_folder
 from trainer.failures import FatalError
-from trainer.fault_injection import oom_if_asked, stall_if_asked
+from trainer.fault_injection import _test_oom, _test_stall
 from trainer.log import datasets_progress_bars, get_logger
 from trainer.memory import check_gpu_memory, check_volume, checkpoint_bytes
 from trainer.metrics import MetricLogger
@@ -131,7 +131,7 @@ class FullFinetuneRecipe:
     @contextlib.contextmanager
     def phase(self, name: str, limit_s: float) -> Iterator[None]:
         with self.watchdog.phase(name, limit_s):
-            stall_if_asked(name, self.ctx.rank)
+            _test_stall(name, self.ctx.rank)
             yield
 
     def _peak_flops(self) -> float | None:
@@ -319,7 +319,7 @@ class FullFinetuneRecipe:
             while p.step_in_epoch < self.steps_per_epoch and p.global_step < self.total_steps:
                 micro, global_labels, real = self.step_batches(plan, p.step_in_epoch)
                 with self.phase(f"optimizer step {p.global_step + 1}", self.step_limit_s):
-                    oom_if_asked(p.global_step + 1, self.ctx.rank)
+                    _test_oom(p.global_step + 1, self.ctx.rank)
                     out = self.train_step(micro, global_labels)
                 loss_acc += out["loss_scaled_sum"] / (self.ctx.world_size * self.accum)
                 p.step_in_epoch += 1
