@@ -12,7 +12,7 @@ from typing import Any
 from trainer.config import TrainConfig
 from trainer.log import get_logger
 
-log = get_logger(__name__)
+console = get_logger(__name__)  # the train/eval lines on the terminal
 
 
 class MetricLogger:
@@ -40,9 +40,9 @@ class MetricLogger:
         record = {"kind": kind, "time": time.time(), **metrics}
         self.fh.write(json.dumps(record) + "\n")
         if kind == "train":
-            log.info(" ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
+            console.info(" ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
         elif kind == "eval":
-            log.info(f"step={metrics['step']} val_loss={metrics['val_loss']:.4f}")
+            console.info(f"step={metrics['step']} val_loss={metrics['val_loss']:.4f}")
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":

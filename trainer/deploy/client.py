@@ -55,8 +55,10 @@ def api_client(kubeconfig: str | None = None, context: str | None = None):
     return client.ApiClient(cfg)
 
 
-
 class RayJobClient:
+    """RayJobs and the objects `submit` creates beside them, in one namespace; every call has a request timeout
+    and turns API errors into K8sError."""
+
     def __init__(self, namespace: str, api=None):
         from kubernetes import client
 
