@@ -82,23 +82,13 @@ VARIANTS = {
 DEFAULT_VARIANTS = "preset-1gpu,z3-packed-flex,z3-padded-sdpa,z2-packed-flex,z3-packed-sdpa"
 
 
-def matmul_peak(n: int = 8192, reps: int = 20) -> float:
+def matmul_peak() -> float:
+    """The measured bf16 matmul peak of GPU 0: the recipe's own measurement (trainer/mfu.py), 5 timed rounds."""
     import torch
 
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        start.record()
-        for _ in range(reps):
-            a @ b
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / reps)
-    return 2 * n**3 / statistics.median(times)
+    from trainer.mfu import measure_peak_flops
+
+    return measure_peak_flops(torch.device("cuda", 0), torch.bfloat16, rounds=5)
 
 
 def dolly_examples(tokenizer: str, n: int, max_length: int, seed: int) -> list[dict]:
@@ -123,7 +113,8 @@ def run_variant(args) -> dict:
     import deepspeed
 
     from trainer import config as C
-    from trainer.recipe import FullFinetuneRecipe, LocalContext
+    from trainer.contexts import LocalContext
+    from trainer.recipe import FullFinetuneRecipe
 
     cpu = args.cpu  # a code-path check on a machine without a GPU (tiny numbers, no meaning)
     on_preset = args.variant == "preset-1gpu" or args.variant.startswith("1gpu-")

@@ -14,18 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evaluator.config import EvalInputError
+from trainer.data.prepare import sha256_file  # the digest prepare writes into the manifest
 from trainer.prompt import PromptEncoder, find_tokenizer_model
 
 REQUIRED_FIELDS = {"id": str, "category": str, "instruction": str, "context": str, "response": str}
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass

@@ -24,7 +24,8 @@ SCRIPT = textwrap.dedent(
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[5], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     import deepspeed
     from trainer import config as C
-    from trainer.recipe import FullFinetuneRecipe, LocalContext
+    from trainer.contexts import LocalContext
+    from trainer.recipe import FullFinetuneRecipe
 
     model_dir, data_dir, out, ac = sys.argv[1:5]
     cfg = C.load("cpu-tiny", [f"model.path={model_dir}", f"data.path={data_dir}", f"checkpoint.storage_path={out}",
@@ -132,7 +133,8 @@ def test_memory_estimate_of_selective_checkpointing_lies_between_none_and_full()
 
 def _bare_recipe(tmp_path, tiny_model_dir, *overrides):
     from trainer import config as C
-    from trainer.recipe import FullFinetuneRecipe, LocalContext
+    from trainer.contexts import LocalContext
+    from trainer.recipe import FullFinetuneRecipe
 
     cfg = C.load("cpu-tiny", [f"model.path={tiny_model_dir}", f"checkpoint.storage_path={tmp_path}", *overrides])
     recipe = FullFinetuneRecipe(cfg, LocalContext(cfg.run_dir()))
@@ -143,7 +145,7 @@ def _bare_recipe(tmp_path, tiny_model_dir, *overrides):
 def test_preflight_refuses_a_config_the_gpu_cannot_hold(tmp_path, tiny_model_dir, monkeypatch):
     from types import SimpleNamespace
 
-    from trainer.recipe import ResourcePreflightError
+    from trainer.memory import ResourcePreflightError
 
     recipe = _bare_recipe(tmp_path, tiny_model_dir, "data.max_length=4096", "batch.micro_batch_size=64")
     recipe.device = torch.device("cuda", 0)  # a device object only: nothing touches CUDA but the patched call
@@ -156,7 +158,7 @@ def test_preflight_refuses_a_checkpoint_the_volume_cannot_hold(tmp_path, tiny_mo
     import shutil
     from collections import namedtuple
 
-    from trainer.recipe import ResourcePreflightError
+    from trainer.memory import ResourcePreflightError
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
@@ -182,7 +184,8 @@ WEIGHTS_ONLY = textwrap.dedent(
     import deepspeed
     from safetensors.torch import load_file
     from trainer import config as C
-    from trainer.recipe import FullFinetuneRecipe, LocalContext
+    from trainer.contexts import LocalContext
+    from trainer.recipe import FullFinetuneRecipe
 
     model_dir, data_dir, out, steps = sys.argv[1:5]
     cfg = C.load("cpu-tiny", [f"model.path={model_dir}", f"data.path={data_dir}", f"checkpoint.storage_path={out}",
@@ -241,7 +244,7 @@ ROPE_SCRIPT = textwrap.dedent(
     import deepspeed
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
-    from trainer.recipe import restore_fp32_rope
+    from trainer.model import restore_fp32_rope
 
     deepspeed.init_distributed(dist_backend="gloo")
     plain = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16).model.rotary_emb.inv_freq

@@ -24,6 +24,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from trainer.log import get_logger
+
+log = get_logger(__name__)
+
 # Installed next to the Python environment: a venv's own prefix, or the image's system prefix.
 PREBUILT = Path(sys.prefix) / "share" / "dolly-train" / "torch_extensions"
 UNUSED_OPS = ("deepspeed_shm_comm",)  # built by deepspeed.comm on CPU, used only by DeepSpeed inference
@@ -122,8 +126,7 @@ def prepare(cfg) -> None:
         root = extensions_dir(cfg.checkpoint.run_name)
         os.environ["TORCH_EXTENSIONS_DIR"] = str(root)
         check_locks(jit, root)
-        print(f"[dolly-train] DeepSpeed op(s) {jit} are not prebuilt (scripts/install.sh DS_OPS=...): "
-              f"building them into {root}", flush=True)
+        log.info(f"DeepSpeed op(s) {jit} are not prebuilt (scripts/install.sh DS_OPS=...): building them into {root}")
 
 
 def prebuild(names: list[str], root: Path = PREBUILT, march: str | None = None) -> None:
