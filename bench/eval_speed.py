@@ -149,6 +149,7 @@ def device_name() -> str:
 
 def bench(args, extra: list[str], tmp: Path) -> dict:
     from evaluator.generate import compile_cache, shutdown, start_engine
+    from evaluator.report import read_jsonl
     from evaluator.run import run
 
     t_all = time.perf_counter()
@@ -187,7 +188,7 @@ def bench(args, extra: list[str], tmp: Path) -> dict:
             t = time.perf_counter()
             m = run(cfg, engine=eng)
             wall = time.perf_counter() - t
-            rows = [json.loads(line) for line in (Path(cfg.out) / "predictions.jsonl").read_text().splitlines()]
+            rows = read_jsonl(Path(cfg.out) / "predictions.jsonl")  # not splitlines(): U+2028 in generated text
             return {"wall_seconds": wall, "timings": m["timings"], "throughput": m["generation"]["throughput"],
                     "token_ids": [r["output_token_ids"] for r in rows]}
 

@@ -3,6 +3,7 @@
     python bench/fixed_costs.py                 # all figures, on the tiny model (make bench-fixed)
     python bench/fixed_costs.py --skip-vllm     # without the vLLM engine start
     python bench/fixed_costs.py --json out.json
+    python bench/fixed_costs.py --cli           # only the CLI's answers (--help, refusals), median of 5 runs each
 
 Figures (seconds, wall): import time of each CLI; `ray.init` of a local cluster; then one 4-step
 `dolly-train train --config cpu-tiny` on 300 synthetic records with 2 Ray workers, end to end, split at the
@@ -20,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,7 +39,11 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29600 + os.getpid() %
                   LOCAL_RANK="0")
 import deepspeed, torch
 from trainer import config as C
-from trainer.recipe import FullFinetuneRecipe, LocalContext
+from trainer.recipe import FullFinetuneRecipe
+try:
+    from trainer.contexts import LocalContext
+except ImportError:  # a checkout from before trainer/contexts.py (the "before" figures)
+    from trainer.recipe import LocalContext
 t["import (torch, transformers, deepspeed)"] = time.perf_counter() - t0
 model, data, out = sys.argv[1:4]
 cfg = C.load("cpu-tiny", [f"model.path={model}", f"data.path={data}", f"checkpoint.storage_path={out}",
@@ -111,6 +117,30 @@ def import_times(env: dict) -> dict:
     return out
 
 
+def cli_times(env: dict, work: Path, runs: int = 5) -> dict:
+    """Median wall time of the commands that must answer at once (tests/test_structure.py bounds them)."""
+    model = work / "no-model"
+    cases = {
+        "dolly-train --help": ["-m", "trainer.cli", "--help"],
+        "dolly-eval --help": ["-m", "evaluator.cli", "--help"],
+        "dolly-train train --help": ["-m", "trainer.cli", "train", "--help"],
+        "dolly-train submit --help": ["-m", "trainer.cli", "submit", "--help"],
+        "dolly-train train, missing model dir (refused)": [
+            "-m", "trainer.cli", "train", "--config", "cpu-tiny", f"model.path={model}", f"data.path={work / 'no-data'}",
+            f"checkpoint.storage_path={work / 'runs-cli'}", "--verbose"],
+        "dolly-train export --checkpoint /nonexistent (refused)": [
+            "-m", "trainer.cli", "export", "--checkpoint", "/nonexistent", "--out", str(work / "no-export")],
+    }
+    out = {}
+    for label, args in cases.items():
+        walls = []
+        for _ in range(runs):
+            wall, _, _ = timed([sys.executable, *args], env)
+            walls.append(wall)
+        out[f"cli: {label}"] = statistics.median(walls)
+    return out
+
+
 def ray_start(env: dict) -> dict:
     code = ("import time, ray; t=time.perf_counter(); ray.init(num_cpus=2, include_dashboard=False); "
             "s=time.perf_counter(); ray.shutdown(); print('RAY', s-t, time.perf_counter()-s)")
@@ -134,7 +164,7 @@ def train_run(env: dict, work: Path) -> tuple[dict, float, bool]:
     at = {}
     for label, pattern in MARKS:
         at[label] = next((t for t, line in lines if re.search(pattern, line)), None)
-    rows = [json.loads(x) for x in (work / "runs" / "fixed" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (work / "runs" / "fixed" / "metrics.jsonl").read_text().split("\n") if x.strip()]
     first = next(r for r in rows if r["kind"] == "train")
     built = any("built successfully" in line for _, line in lines)
     step1 = first["step_time_s"]
@@ -154,6 +184,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--skip-vllm", action="store_true", help="leave out the vLLM engine start")
     p.add_argument("--json", help="also write the figures here")
+    p.add_argument("--cli", action="store_true", help="only the CLI figures (--help and early refusals)")
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="dolly-fixed-"))
     env = {**os.environ, "TMPDIR": str(work / "tmp"), "RAY_TMPDIR": str(work / "ray"),
@@ -164,6 +195,15 @@ def main(argv=None) -> int:
         (work / d).mkdir()
     try:
         figures: dict = {}
+        if args.cli:
+            figures.update(cli_times(env, work))
+            width = max(map(len, figures))
+            for k, v in figures.items():
+                print(f"{k:{width}s} {v:6.2f} s")
+            print(f"load average: {os.getloadavg()[0]:.1f} (1 min), {os.cpu_count()} CPUs")
+            if args.json:
+                Path(args.json).write_text(json.dumps({"figures": figures, "loadavg": os.getloadavg()}, indent=2))
+            return 0
         figures.update(import_times(env))
         figures.update(ray_start(env))
         for cmd in (["init-tiny-model", "--out", str(work / "tiny")],

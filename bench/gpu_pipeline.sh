@@ -12,6 +12,10 @@
 #   train-resume  the same command again: it resumes from the latest checkpoint and finishes
 #   export        `dolly-train export` of the final checkpoint (the run's own export too, when enabled)
 #   eval          `dolly-eval run` on the base folder and on the export, then `dolly-eval compare` (needs vLLM)
+#   export-train  bench/export_logits.py train: a few in-process steps, the engine's probe logits, an export
+#   export-check  bench/export_logits.py check: those logits vs the export's in transformers, and vLLM's
+#                 prompt log-probs of the export (needs vLLM)
+#   eval-speed    bench/eval_speed.py: raw vLLM vs `dolly-eval run` on one engine, cold then warm (needs vLLM)
 #   record        one JSON record of all figures (docs/benchmarks/gpu-pipeline-<date>.json shape)
 #
 # Stages share $DOLLY_GPU_WORK (default /root/dolly-gpu), so they can run in separate calls on one machine.
@@ -51,6 +55,9 @@ T=$W/timings
 mkdir -p "$W" "$T" "$OUTDIR"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+# one vLLM compile cache for every engine here, as the eval Job keeps it on the volume (eval-speed empties it
+# first, so its engine start is the cold figure and every later one is warm)
+export VLLM_CACHE_ROOT=${VLLM_CACHE_ROOT:-$W/vllm-cache}
 cli() { "$PY" -m trainer.cli "$@"; }
 now() { date +%s%N; }
 seconds_since() { echo $(( ($(now) - $1) / 1000000 )) | awk '{printf "%.3f\n", $1 / 1000}'; }
@@ -141,12 +148,37 @@ stage_eval() {
   cp "$R/$RUN/eval/tuned/metrics.json" "$OUTDIR/eval-tuned-metrics.json"
 }
 
+stage_export_train() {
+  # bench/export_logits.py trains its own few steps in-process, saves the engine's probe logits and exports;
+  # the Ray run's checkpoints go first (already exported; a 64 GiB disk holds few 14.5 GB copies)
+  [ -n "${KEEP_CHECKPOINTS:-}" ] || rm -rf "$R/$RUN"/checkpoint_*
+  local x=$W/export-check
+  rm -rf "$x"
+  # shellcheck disable=SC2086
+  timed export_check_train "$PY" bench/export_logits.py train --model "$M" --data "$D" --work "$x" --config "$PRESET" \
+    ${EXPORT_CHECK_ARGS:-} 2>&1 | grep -v WARNING | tail -n 5
+  rm -rf "$x/runs"  # its own weights-only checkpoint: the check reads the export
+}
+
+stage_export_check() {  # the export vs the trained engine: transformers logits, vLLM prompt log-probs
+  export VLLM_USE_FLASHINFER_SAMPLER=${VLLM_USE_FLASHINFER_SAMPLER:-0}
+  timed export_check "$PY" bench/export_logits.py check --work "$W/export-check" --eval-config "$EVAL_CONFIG" 2>&1 \
+    | grep -v WARNING | tail -n 40
+}
+
+stage_eval_speed() {  # issue 15: raw vLLM vs the evaluator on one engine, cold compile cache, then the warm CLI
+  export VLLM_USE_FLASHINFER_SAMPLER=${VLLM_USE_FLASHINFER_SAMPLER:-0}
+  "$PY" bench/eval_speed.py --model "$M" --data "$D" --config "$EVAL_CONFIG" --cache-root "$W/vllm-cache" \
+    --fresh-cache --work-dir "$W/eval-speed" --json-out "$W/eval-speed.json" 2>&1 | grep -v WARNING | tail -n 40
+  cp "$W/eval-speed.json" "$OUTDIR/"
+}
+
 stage_record() {
   "$PY" bench/gpu_pipeline_record.py --work "$W" --run "$R/$RUN" --preset "$PRESET" --arch "$ARCH${LAYERS:+ ($LAYERS layers)}" \
     --out "$OUTDIR/gpu-pipeline-$(date +%Y-%m-%d).json"
 }
 
-[ $# -gt 0 ] || { sed -n '2,26p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,30p' "$0"; exit 2; }
 for s in "$@"; do
   echo "== gpu_pipeline: $s ($(date +%T))"
   "stage_${s//-/_}"

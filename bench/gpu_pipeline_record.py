@@ -25,7 +25,7 @@ WARMUP_LOGS = 2  # logged windows dropped at the start of each leg (compile, all
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
 
 
 def legs(records: list[dict]) -> list[list[dict]]:
@@ -126,6 +126,9 @@ def main() -> int:
         loss_ok = bool(resumed_first and leg1_last) and resumed_first["loss"] < first_loss and \
             resumed_first["loss"] <= 1.05 * leg1_last[-1]["loss"]
     resume_ok = bool(resumed_first) and resumed_first["step"] == resumed_from + log_every and fp_ok and loss_ok
+    if len(run_legs) == 1 and "killed_after_checkpoint" not in num:
+        resume_ok = None  # one uninterrupted leg (no train-kill stage): nothing to judge
+        resume = {"not_run": "no train-kill stage in this record", "fingerprints_match_planner": fp_ok}
     ckpts = [r for r in records if r["kind"] == "checkpoint"]
 
     eval_metrics = {}
@@ -163,6 +166,9 @@ def main() -> int:
         "eval_generated_tokens_per_s": eval_metrics.get("generation", {}).get("tokens_per_s")
         if isinstance(eval_metrics.get("generation"), dict) else eval_metrics.get("generated_tokens_per_s"),
         "wall_s": {k: num[k] for k in ("model", "data", "train_leg1", "train_leg2", "export") if k in num},
+        "export_check": _json(work / "export-check" / "export_logits.json"),
+        "eval_speed": _json(work / "eval-speed.json"),
+        "eval_tuned_phases_s": eval_metrics.get("timings"),
         "train_log": [{k: r.get(k) for k in ("step", "loss", "tokens_per_s", "gpu_mem_peak_gb", "data_fingerprint")}
                       for r in train],
     }
@@ -174,7 +180,11 @@ def main() -> int:
     short = {k: v for k, v in record.items() if k not in ("train_log", "versions", "resume")}
     print(json.dumps(short, indent=1))
     print("resume:", json.dumps(resume))
-    return 0 if resume_ok else 1
+    return 0 if resume_ok is not False else 1
+
+
+def _json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 if __name__ == "__main__":

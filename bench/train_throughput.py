@@ -71,27 +71,24 @@ VARIANTS = {
                        "batch.gradient_accumulation_steps=2", "deepspeed.param_persistence_threshold=10000000000"],
     "z3-persist-noac": ["deepspeed.stage=3", "data.packing=true", "model.attn_implementation=flex_attention",
                         "batch.gradient_accumulation_steps=8", "deepspeed.param_persistence_threshold=10000000000"],
+    # "1gpu-*": the shipped single-GPU preset plus one lever (issue 14). Selective activation checkpointing:
+    # only the first N of 32 layers recompute, the others keep their activations in the memory the preset leaves
+    "1gpu-sac-k26": ["model.activation_checkpointing_layers=26"],
+    "1gpu-persist-sac-k26": ["model.activation_checkpointing_layers=26",
+                             "deepspeed.param_persistence_threshold=10000000000"],
+    "1gpu-sac4-k16": ["model.activation_checkpointing_layers=16", "batch.micro_batch_size=4",
+                      "batch.gradient_accumulation_steps=4"],
 }
 DEFAULT_VARIANTS = "preset-1gpu,z3-packed-flex,z3-padded-sdpa,z2-packed-flex,z3-packed-sdpa"
 
 
-def matmul_peak(n: int = 8192, reps: int = 20) -> float:
+def matmul_peak() -> float:
+    """The measured bf16 matmul peak of GPU 0: the recipe's own measurement (trainer/mfu.py), 5 timed rounds."""
     import torch
 
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        start.record()
-        for _ in range(reps):
-            a @ b
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / reps)
-    return 2 * n**3 / statistics.median(times)
+    from trainer.mfu import measure_peak_flops
+
+    return measure_peak_flops(torch.device("cuda", 0), torch.bfloat16, rounds=5)
 
 
 def dolly_examples(tokenizer: str, n: int, max_length: int, seed: int) -> list[dict]:
@@ -116,11 +113,13 @@ def run_variant(args) -> dict:
     import deepspeed
 
     from trainer import config as C
-    from trainer.recipe import FullFinetuneRecipe, LocalContext
+    from trainer.contexts import LocalContext
+    from trainer.recipe import FullFinetuneRecipe
 
     cpu = args.cpu  # a code-path check on a machine without a GPU (tiny numbers, no meaning)
-    preset = "mistral-7b-zero3-1gpu" if args.variant == "preset-1gpu" else "mistral-7b-zero3"
-    base = [] if args.variant == "preset-1gpu" else BASE
+    on_preset = args.variant == "preset-1gpu" or args.variant.startswith("1gpu-")
+    preset = "mistral-7b-zero3-1gpu" if on_preset else "mistral-7b-zero3"
+    base = [] if on_preset else BASE
     overrides = base + VARIANTS[args.variant] + [
         "scaling.num_workers=1", f"data.max_length={args.max_length}", "checkpoint.storage_path=/tmp/dolly-bench",
         f"checkpoint.run_name={args.variant}", f"model.path={args.model}",

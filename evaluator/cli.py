@@ -14,6 +14,7 @@ import logging
 import sys
 
 from evaluator.config import EvalInputError, add_run_arguments, from_args, scoring_from_args
+from trainer.log import configure
 
 
 def _run(args) -> int:
@@ -53,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)  # libraries
+    configure("dolly-eval", "[dolly-eval]", stderr_from=logging.DEBUG)  # ours: trainer/log.py's format, on stderr
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -17,7 +17,7 @@ from typing import Any, get_args, get_type_hints
 
 import yaml
 
-from trainer.config import ConfigError, check_value
+from trainer.config import ConfigError, build
 
 
 class EvalInputError(ValueError):
@@ -168,29 +168,12 @@ def add_run_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...] =
 
 # ---- building and validating ---------------------------------------------------------------------
 
-def _check(key: str, f: dataclasses.Field, typ: Any, value: Any) -> Any:
-    """The trainer's field check (one implementation), with the evaluator's error type."""
+def _build(cls, data: dict, prefix: str):
+    """The trainer's config builder (one implementation), with the evaluator's error type."""
     try:
-        return check_value(key, f, typ, value)
+        return build(cls, data, prefix)
     except ConfigError as e:
         raise EvalInputError(str(e)) from None
-
-
-def _build(cls, data: dict, prefix: str):
-    if not isinstance(data, dict):
-        raise EvalInputError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = get_type_hints(cls)
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise EvalInputError(f"unknown key {prefix}{unknown[0]} (known: {', '.join(fields)})")
-    kwargs = {}
-    for name, value in data.items():
-        if name in GROUPS and cls is RunConfig:
-            kwargs[name] = _build(GROUPS[name], value or {}, f"{name}.")
-        else:
-            kwargs[name] = _check(prefix + name, fields[name], hints[name], value)
-    return cls(**kwargs)
 
 
 def _read_yaml(path: str) -> dict:

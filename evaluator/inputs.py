@@ -14,18 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evaluator.config import EvalInputError
+from trainer.data.prepare import sha256_file  # the digest prepare writes into the manifest
 from trainer.prompt import PromptEncoder, find_tokenizer_model
 
 REQUIRED_FIELDS = {"id": str, "category": str, "instruction": str, "context": str, "response": str}
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass
@@ -163,7 +156,12 @@ def read_test_split(data_dir: str | Path) -> TestSplit:
     except UnicodeDecodeError as e:
         raise EvalInputError(f"{path}: not UTF-8 (byte {e.start}: {e.reason})") from e
     records, seen = [], {}
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # split on "\n" only: str.splitlines() also breaks at U+2028, U+0085 and other characters that JSON
+    # strings carry unescaped (ensure_ascii=False), which would cut a record in two
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the newline that ends the last record
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             raise EvalInputError(f"{path}:{lineno}: empty line")
         try:

@@ -87,7 +87,7 @@ def test_better_run_has_positive_delta_with_ci_and_p_value(tmp_path):
     assert 0 < r["ci_low"] < r["delta"] < r["ci_high"] and r["p_value"] < 0.01
     assert result["scoring"]["resamples"] == 500
     # The means are the plain means of the per-example F1 in the runs' predictions.jsonl.
-    rows = [json.loads(line) for line in (base / "predictions.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (base / "predictions.jsonl").read_text().split("\n") if line]
     assert r["base"] == pytest.approx(np.mean([x["scores"]["rougeL"]["f1"] for x in rows]))
     md = (tmp_path / "cmp" / "compare.md").read_text()
     assert f"{r['delta']:+.4f}" in md and "compare.png" in md

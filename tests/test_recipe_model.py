@@ -24,34 +24,39 @@ SCRIPT = textwrap.dedent(
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[5], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     import deepspeed
     from trainer import config as C
-    from trainer.recipe import FullFinetuneRecipe, LocalContext
+    from trainer.contexts import LocalContext
+    from trainer.recipe import FullFinetuneRecipe
 
     model_dir, data_dir, out, ac = sys.argv[1:5]
     cfg = C.load("cpu-tiny", [f"model.path={model_dir}", f"data.path={data_dir}", f"checkpoint.storage_path={out}",
                               "scaling.num_workers=1", "schedule.max_steps=2", "deepspeed.stage=3",
-                              f"model.activation_checkpointing={ac}", "batch.gradient_accumulation_steps=2"])
+                              f"model.activation_checkpointing={ac}", "batch.gradient_accumulation_steps=2",
+                              *sys.argv[6:]])
     deepspeed.init_distributed(dist_backend="gloo")
     recipe = FullFinetuneRecipe(cfg, LocalContext(cfg.run_dir()))
     recipe.setup()
     hf = recipe.engine.module.model
     calls = []
     hf.model.layers[0].register_forward_pre_hook(lambda m, a: calls.append(m.training))
+    per_layer = [0] * len(hf.model.layers)
+    for i, layer in enumerate(hf.model.layers):
+        layer.register_forward_pre_hook(lambda m, a, i=i: per_layer.__setitem__(i, per_layer[i] + 1))
     plan = recipe._plan(0)
     micro, labels, _ = recipe.step_batches(plan, 0)
     recipe.train_step(micro, labels)
     print("RESULT " + json.dumps({
         "module_training": [m.training for m in recipe.engine.module.modules()].count(False) == 0,
-        "layer_calls": len(calls), "micro_batches": len(micro),
+        "layer_calls": len(calls), "micro_batches": len(micro), "calls_per_layer": per_layer,
     }))
     """
 )
 
 
-def run(tmp_path, model_dir, data_dir, ac: bool, port: int) -> dict:
+def run(tmp_path, model_dir, data_dir, ac: bool, port: int, *overrides: str) -> dict:
     import json
 
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(model_dir), str(data_dir), str(tmp_path),
-                           str(ac).lower(), str(port)], capture_output=True, text=True, timeout=600)
+                           str(ac).lower(), str(port), *overrides], capture_output=True, text=True, timeout=600)
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and line, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(line[-1].removeprefix("RESULT "))
@@ -66,6 +71,18 @@ def test_from_pretrained_model_trains_in_training_mode_with_checkpointing(tmp_pa
     # one forward per micro-batch without checkpointing; a recompute per micro-batch with it
     assert without["layer_calls"] == without["micro_batches"] == 2
     assert with_ac["layer_calls"] == 2 * with_ac["micro_batches"] == 4
+
+
+@pytest.mark.slow
+def test_selective_checkpointing_recomputes_only_the_first_n_layers(tmp_path, tiny_model_dir, synthetic_data_dir):
+    """model.activation_checkpointing_layers=1: layer 0 runs twice per micro-batch (forward + recompute), every
+    later layer once; a count above the model's depth is refused with the key named."""
+    sel = run(tmp_path / "sel", tiny_model_dir, synthetic_data_dir, True, 29543, "model.activation_checkpointing_layers=1")
+    micro = sel["micro_batches"]
+    assert len(sel["calls_per_layer"]) >= 2
+    assert sel["calls_per_layer"] == [2 * micro] + [micro] * (len(sel["calls_per_layer"]) - 1)
+    with pytest.raises(AssertionError, match="activation_checkpointing_layers=99: the model has only"):
+        run(tmp_path / "bad", tiny_model_dir, synthetic_data_dir, True, 29544, "model.activation_checkpointing_layers=99")
 
 
 # ---- preflight: GPU memory estimate and checkpoint size -----------------------------------------------
@@ -98,9 +115,26 @@ def test_memory_estimate_separates_what_fits_one_h200_from_what_does_not():
     assert eight.optimizer_gib == pytest.approx(preset.optimizer_gib / 8)
 
 
+def test_memory_estimate_of_selective_checkpointing_lies_between_none_and_full():
+    from trainer import config as C
+    from trainer.memory import estimate_gpu_memory
+
+    mc, n = _mistral_7b_config()
+    acts = {k: estimate_gpu_memory(C.load("mistral-7b-zero3-1gpu", [f"model.activation_checkpointing_layers={k}"]),
+                                   mc, n, 1).activations_gib for k in (32, 24, 0)}
+    full = estimate_gpu_memory(C.load("mistral-7b-zero3-1gpu"), mc, n, 1).activations_gib
+    none = estimate_gpu_memory(C.load("mistral-7b-zero3-1gpu", ["model.activation_checkpointing=false"]),
+                               mc, n, 1).activations_gib
+    assert acts[32] == pytest.approx(full)
+    assert full < acts[24] < acts[0] < none + 3  # 0 checkpointed layers ~ no checkpointing (+ one recompute set)
+    # each layer that keeps its activations adds its full set minus the input it would have kept
+    assert (acts[24] - full) == pytest.approx((acts[0] - full) * 8 / 32)
+
+
 def _bare_recipe(tmp_path, tiny_model_dir, *overrides):
     from trainer import config as C
-    from trainer.recipe import FullFinetuneRecipe, LocalContext
+    from trainer.contexts import LocalContext
+    from trainer.recipe import FullFinetuneRecipe
 
     cfg = C.load("cpu-tiny", [f"model.path={tiny_model_dir}", f"checkpoint.storage_path={tmp_path}", *overrides])
     recipe = FullFinetuneRecipe(cfg, LocalContext(cfg.run_dir()))
@@ -111,7 +145,7 @@ def _bare_recipe(tmp_path, tiny_model_dir, *overrides):
 def test_preflight_refuses_a_config_the_gpu_cannot_hold(tmp_path, tiny_model_dir, monkeypatch):
     from types import SimpleNamespace
 
-    from trainer.recipe import ResourcePreflightError
+    from trainer.memory import ResourcePreflightError
 
     recipe = _bare_recipe(tmp_path, tiny_model_dir, "data.max_length=4096", "batch.micro_batch_size=64")
     recipe.device = torch.device("cuda", 0)  # a device object only: nothing touches CUDA but the patched call
@@ -124,7 +158,7 @@ def test_preflight_refuses_a_checkpoint_the_volume_cannot_hold(tmp_path, tiny_mo
     import shutil
     from collections import namedtuple
 
-    from trainer.recipe import ResourcePreflightError
+    from trainer.memory import ResourcePreflightError
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
@@ -150,7 +184,8 @@ WEIGHTS_ONLY = textwrap.dedent(
     import deepspeed
     from safetensors.torch import load_file
     from trainer import config as C
-    from trainer.recipe import FullFinetuneRecipe, LocalContext
+    from trainer.contexts import LocalContext
+    from trainer.recipe import FullFinetuneRecipe
 
     model_dir, data_dir, out, steps = sys.argv[1:5]
     cfg = C.load("cpu-tiny", [f"model.path={model_dir}", f"data.path={data_dir}", f"checkpoint.storage_path={out}",
@@ -200,3 +235,42 @@ def test_weights_only_checkpoint_resumes_weights_schedule_and_position(tmp_path,
     # the resumed steps continue the loss curve (no jump back to the untrained loss of step 1)
     loss = {m["step"]: m["loss"] for m in train if m["kind"] == "train"}
     assert loss[5] < loss[1] and loss[6] < loss[1]
+
+
+ROPE_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, torch
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29545", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+    from trainer.model import restore_fp32_rope
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    plain = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16).model.rotary_emb.inv_freq
+    ds = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}, "zero_optimization": {"stage": 3}}
+    keep = HfDeepSpeedConfig(ds)  # from_pretrained now builds the model under deepspeed.zero.Init
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
+    before = model.model.rotary_emb.inv_freq.clone()
+    n = restore_fp32_rope(model)
+    after = model.model.rotary_emb
+    print("ROPE", before.dtype, plain.dtype, after.inv_freq.dtype, n,
+          float((before.float() - plain).abs().max()), float((after.inv_freq - plain).abs().max()),
+          float((after.original_inv_freq - plain).abs().max()), restore_fp32_rope(model))
+    """
+)
+
+
+@pytest.mark.slow
+def test_rotary_frequencies_stay_fp32_under_zero3_init(tiny_model_dir):
+    """zero.Init casts the rotary inv_freq buffer to bf16 (positions drift from what the export and vLLM use);
+    the recipe recomputes it in fp32, equal to a plain load's."""
+    proc = subprocess.run([sys.executable, "-c", ROPE_SCRIPT, str(tiny_model_dir)], capture_output=True, text=True,
+                          timeout=600)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROPE ")]
+    assert proc.returncode == 0 and line, proc.stdout[-3000:] + proc.stderr[-3000:]
+    before, plain, after, n, err_before, err_after, err_orig, again = line[-1].split()[1:]
+    assert (before, plain, after) == ("torch.bfloat16", "torch.float32", "torch.float32")
+    assert float(err_before) > 1e-4  # the bug: bf16 frequencies
+    assert int(n) == 1 and float(err_after) == 0.0 and float(err_orig) == 0.0
+    assert int(again) == 0  # nothing left to fix

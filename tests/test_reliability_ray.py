@@ -26,7 +26,8 @@ LOCAL = textwrap.dedent(
     import deepspeed
     from trainer import config as C
     from trainer.failures import FatalError
-    from trainer.recipe import FullFinetuneRecipe, LocalContext
+    from trainer.contexts import LocalContext
+    from trainer.recipe import FullFinetuneRecipe
 
     model_dir, data_dir, storage, steps = sys.argv[1:5]
     leave_mib = int(sys.argv[5]) if len(sys.argv) > 5 else None  # another writer fills the volume after setup

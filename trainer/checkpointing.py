@@ -22,6 +22,9 @@ from pathlib import Path
 import yaml
 
 from trainer.failures import FatalError
+from trainer.log import get_logger
+
+log = get_logger(__name__)
 
 MANIFEST = "COMPLETE.json"
 
@@ -83,14 +86,14 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in Path(run_dir).glob("checkpoint_[0-9]*") if p.is_dir())
 
 
-def latest_valid(candidates: list[Path], warn=print) -> Path | None:
+def latest_valid(candidates: list[Path], warn=None) -> Path | None:
     """The newest checkpoint that verifies; each damaged one newer than it gets a warning."""
     for ckpt in sorted(candidates, reverse=True):
         try:
             verify(ckpt)
             return ckpt
         except CheckpointDamaged as e:
-            warn(f"[dolly-train] WARNING: skipping damaged checkpoint: {e}")
+            (warn or log.warning)(f"WARNING: skipping damaged checkpoint: {e}")
     return None
 
 

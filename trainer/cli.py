@@ -27,13 +27,13 @@ SUBCOMMANDS = {
     "train": "trainer.launch",
     "render-deepspeed": "trainer.launch",
     "export": "trainer.export",
-    "submit": "trainer.k8s",
-    "status": "trainer.k8s",
-    "wait": "trainer.k8s",
-    "logs": "trainer.k8s",
-    "suspend": "trainer.k8s",
-    "resume": "trainer.k8s",
-    "delete": "trainer.k8s",
+    "submit": "trainer.deploy.cli",
+    "status": "trainer.deploy.cli",
+    "wait": "trainer.deploy.cli",
+    "logs": "trainer.deploy.cli",
+    "suspend": "trainer.deploy.cli",
+    "resume": "trainer.deploy.cli",
+    "delete": "trainer.deploy.cli",
 }
 
 

@@ -10,6 +10,7 @@ Every field carries its help text (TRL style); `dolly-train train --help-config`
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import re
@@ -49,6 +50,11 @@ class ModelConfig:
     precision: str = _f("fp32", "Training precision: 'bf16' on GPUs (fp32 master weights kept by DeepSpeed), 'fp32' on CPUs.",
                         choices=("bf16", "fp32"))
     activation_checkpointing: bool = _f(False, "Recompute activations in the backward pass: less memory, ~30% more compute.")
+    activation_checkpointing_layers: int | None = _f(
+        None,
+        "With activation_checkpointing: how many decoder layers (the first N) recompute their activations; the "
+        "others keep them. null = every layer. Fewer trades GPU memory for speed (selective checkpointing).",
+        minimum=0)
 
 
 @dataclass
@@ -219,7 +225,9 @@ def check_value(key: str, f: dataclasses.Field, typ: Any, value: Any) -> Any:
     return value
 
 
-def _build(cls, data: dict, prefix: str):
+def build(cls, data: dict, prefix: str = ""):
+    """An instance of the config dataclass `cls` from a mapping, every value checked (`check_value`), nested
+    dataclass fields built from nested mappings; ConfigError names the key. Shared with evaluator/config.py."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = get_type_hints(cls)
@@ -232,7 +240,7 @@ def _build(cls, data: dict, prefix: str):
         f, typ = names[name], hints[name]
         key = f"{prefix}{name}"
         if dataclasses.is_dataclass(typ):
-            kwargs[name] = _build(typ, value or {}, key + ".")
+            kwargs[name] = build(typ, value or {}, key + ".")
         else:
             kwargs[name] = check_value(key, f, typ, value)
     return cls(**kwargs)
@@ -260,7 +268,7 @@ def _cross_checks(cfg: TrainConfig) -> None:
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected key=value, e.g. optim.lr=2e-5")
+        raise ConfigError(f"command-line override {text!r}: expected key=value, e.g. optim.lr=2e-5")
     key, raw = text.split("=", 1)
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
 
@@ -272,13 +280,13 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         for part in path[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {part} is not a section")
+                raise ConfigError(f"command-line override {text!r}: {part} is not a section")
         node[path[-1]] = value
     return data
 
 
 def from_dict(data: dict) -> TrainConfig:
-    cfg = _build(TrainConfig, data, "")
+    cfg = build(TrainConfig, data)
     _cross_checks(cfg)
     return cfg
 
@@ -300,10 +308,21 @@ def load(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    # An error is reported where it is: in the file, in one command-line override, or in the combination.
+    try:
+        build(TrainConfig, copy.deepcopy(data))
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from e
+    for text in overrides or []:
+        one = apply_overrides(copy.deepcopy(data), [text])
+        try:
+            build(TrainConfig, one)
+        except ConfigError as e:
+            raise ConfigError(f"command-line override {text!r}: {e}") from e
     try:
         return from_dict(apply_overrides(data, overrides or []))
     except ConfigError as e:
-        raise ConfigError(f"{p}: {e}") from e
+        raise ConfigError(f"{p}{' with the command-line overrides' if overrides else ''}: {e}") from e
 
 
 # ---- DeepSpeed -----------------------------------------------------------------------------------

@@ -7,9 +7,10 @@ forever, silently. What each preset needs (docs/benchmarks.md, "fixed costs", ha
 - `deepspeed_shm_comm` (CPU accelerator, every CPU run): DeepSpeed builds it whenever `deepspeed.comm` starts,
   but only `inference_all_reduce` (DeepSpeed inference / AutoTP) uses it; ZeRO training's collectives are
   torch.distributed's (gloo). `skip_unused_ops()` marks it unavailable, so no CPU run builds anything.
-- `cpu_adam` (`deepspeed.offload_optimizer=true`): `scripts/install.sh` with `DS_OPS=cpu_adam` (the GPU images)
-  builds it once into `PREBUILT` (`python -m trainer.ds_ops prebuild cpu_adam`); `prepare()` then loads that
-  library directly. Without a prebuilt library the op is JIT-built into a per-run extensions dir (unless
+- `cpu_adam` (`deepspeed.offload_optimizer=true`): built once into `PREBUILT` (`python -m trainer.ds_ops
+  prebuild cpu_adam`): by `scripts/install.sh` with `DS_OPS=cpu_adam`, and by the images' builder stage
+  (`images/prebuild-ds-ops.sh`, `--march` for a CPU target other than the build machine's); `prepare()` then
+  loads that library directly. Without a prebuilt library the op is JIT-built into a per-run extensions dir (unless
   TORCH_EXTENSIONS_DIR is set), and `check_locks()` fails fast on a stale lock, naming the file to delete.
 """
 
@@ -22,6 +23,10 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+
+from trainer.log import get_logger
+
+log = get_logger(__name__)
 
 # Installed next to the Python environment: a venv's own prefix, or the image's system prefix.
 PREBUILT = Path(sys.prefix) / "share" / "dolly-train" / "torch_extensions"
@@ -121,16 +126,20 @@ def prepare(cfg) -> None:
         root = extensions_dir(cfg.checkpoint.run_name)
         os.environ["TORCH_EXTENSIONS_DIR"] = str(root)
         check_locks(jit, root)
-        print(f"[dolly-train] DeepSpeed op(s) {jit} are not prebuilt (scripts/install.sh DS_OPS=...): "
-              f"building them into {root}", flush=True)
+        log.info(f"DeepSpeed op(s) {jit} are not prebuilt (scripts/install.sh DS_OPS=...): building them into {root}")
 
 
-def prebuild(names: list[str], root: Path = PREBUILT) -> None:
-    """Build each op once with DeepSpeed's own builder into `root` (install/image-build time)."""
+def prebuild(names: list[str], root: Path = PREBUILT, march: str | None = None) -> None:
+    """Build each op once with DeepSpeed's own builder into `root` (install/image-build time). `march`: the CPU
+    target (`x86-64-v3` = AVX2) instead of DeepSpeed's `-march=native`, which would tie an image's library to
+    the build machine's CPU (its AVX-512 faults on nodes without it)."""
     from deepspeed.accelerator import get_accelerator
 
     for name in names:
         builder = get_accelerator().create_op_builder(_BUILDERS[name])
+        if march:
+            builder.cpu_arch = lambda: f"-march={march}"
+            builder.simd_width = lambda: _SIMD[march]
         os.environ["TORCH_EXTENSIONS_DIR"] = str(root)
         check_locks([name], root)
         builder.jit_load(verbose=False)
@@ -139,6 +148,7 @@ def prebuild(names: list[str], root: Path = PREBUILT) -> None:
 
 
 _BUILDERS = {"cpu_adam": "CPUAdamBuilder"}
+_SIMD = {"x86-64-v3": "-D__AVX256__", "x86-64-v4": "-D__AVX512__", "armv8-a": "-D__NEON__"}  # DeepSpeed's simd.h
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,9 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("prebuild", help="build DeepSpeed ops into the environment (scripts/install.sh runs it)")
     b.add_argument("ops", nargs="+", choices=sorted(_BUILDERS))
     b.add_argument("--dir", type=Path, default=PREBUILT, help=f"default: {PREBUILT}")
+    b.add_argument("--march", choices=sorted(_SIMD), help="CPU target (default: the build machine's, -march=native)")
     args = p.parse_args(argv)
     try:
-        prebuild(args.ops, args.dir)
+        prebuild(args.ops, args.dir, args.march)
     except StaleLockError as e:
         print(f"trainer.ds_ops: {e}", file=sys.stderr)
         return 2

@@ -10,20 +10,33 @@ Two ways in:
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
-import torch
-
 from trainer.atomic import atomic_dir
+from trainer.log import get_logger
+
+log = get_logger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.model.v3", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.json")
+
+
+def copy_tokenizer(src: str | Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        f = Path(src) / name
+        if f.is_file():
+            shutil.copyfile(f, dst / name)
 
 
 def save_hf_folder(config, state: dict, out: str | Path, tokenizer_from: str | Path,
-                   generation_config=None, dtype: torch.dtype | None = None) -> Path:
-    """Write atomically: build into a temp dir beside `out`, then rename over it."""
+                   generation_config=None, dtype=None) -> Path:
+    """Write atomically: build into a temp dir beside `out`, then rename over it. `dtype`: a torch dtype to
+    cast the weights to (None keeps them)."""
+    import torch
     from transformers import AutoModelForCausalLM
-
-    from trainer.recipe import copy_tokenizer
 
     out = Path(out)
     with atomic_dir(out) as tmp:
@@ -46,15 +59,10 @@ def save_hf_folder(config, state: dict, out: str | Path, tokenizer_from: str | P
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "auto") -> Path:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from transformers import AutoConfig, GenerationConfig
-
     ckpt = Path(checkpoint)
     hf = ckpt / "hf"
     if not (ckpt / "deepspeed").is_dir() and any(hf.glob("*.safetensors")):
         # a weights-only checkpoint (checkpoint.save_optimizer_state=false): <ckpt>/hf is already the export
-        import shutil
-
         with atomic_dir(out) as tmp:
             shutil.copytree(hf, tmp, dirs_exist_ok=True)
         return Path(out)
@@ -63,6 +71,11 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "aut
             f"{ckpt}: not a dolly-train checkpoint (expected deepspeed/ and hf/config.json inside; "
             "checkpoints are the checkpoint_<step> folders in a run dir)"
         )
+    # imported only now: a wrong path fails at once, without DeepSpeed's start-up warnings
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoConfig, GenerationConfig
+
     config = AutoConfig.from_pretrained(hf)
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "deepspeed"), tag="state")
     state = {k.removeprefix("model."): v for k, v in state.items()}

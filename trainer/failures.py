@@ -17,6 +17,13 @@ from __future__ import annotations
 import errno
 
 
+OOM_HINT = (
+    "Out of GPU memory. Knobs, cheapest first: model.activation_checkpointing=true, a smaller "
+    "batch.micro_batch_size (raise batch.gradient_accumulation_steps to keep the global batch), "
+    "deepspeed.stage=3, deepspeed.offload_optimizer=true, deepspeed.offload_params=true, more workers."
+)
+
+
 class FatalError(RuntimeError):
     """A failure that would repeat on restart: the run stops, Ray Train does not retry it."""
 
@@ -40,8 +47,6 @@ def classify(exc: BaseException) -> FatalError | None:
     except ImportError:  # pragma: no cover - torch is always there in a worker
         oom = False
     if oom:
-        from trainer.recipe import OOM_HINT
-
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return FatalError(f"{OOM_HINT} (not retried: the same step with the same shapes would run out again; "
                           f"{first})")

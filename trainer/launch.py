@@ -22,7 +22,10 @@ from trainer import checkpointing
 from trainer import config as config_mod
 from trainer.config import ConfigError, TrainConfig
 from trainer.failures import FatalError, classify, root_cause, stop_on_fatal_callback
+from trainer.log import get_logger
 from trainer.quiet import quiet_output
+
+log = get_logger(__name__)
 
 # Environment the workers need to see (HF offline mode, test hooks) when Ray starts them elsewhere.
 PROPAGATED_ENV_PREFIXES = ("HF_", "DOLLY_", "TRANSFORMERS_", "NCCL_", "DS_", "TOKENIZERS_", "PYTORCH_", "TORCH_EXTENSIONS_")
@@ -133,7 +136,8 @@ def train_loop_per_worker(config_dict: dict) -> None:
     """Runs in every Ray Train worker."""
     import torch
 
-    from trainer.recipe import FullFinetuneRecipe, RayContext
+    from trainer.contexts import RayContext
+    from trainer.recipe import FullFinetuneRecipe
 
     cfg = config_mod.from_dict(config_dict)
     if not cfg.scaling.use_gpu:
@@ -157,7 +161,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
 
                 pyarrow.fs.copy_files(str(out), f"{cfg.run_dir()}/export")
             if out is not None:
-                print(f"[dolly-train] exported Hugging Face model to {cfg.run_dir()}/export", flush=True)
+                log.info(f"exported Hugging Face model to {cfg.run_dir()}/export")
     except Exception as e:
         # A failure a restart would repeat (OOM at the same step, config error, missing file, import error,
         # watchdog timeout) becomes a FatalError: StopOnFatalError ends the run instead of retrying it.
@@ -170,12 +174,12 @@ def train_loop_per_worker(config_dict: dict) -> None:
 
 
 def run_training(cfg: TrainConfig) -> object:
+    absolutize(cfg)
+    preflight(cfg)  # before Ray is imported: a wrong path is refused at once
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    absolutize(cfg)
-    preflight(cfg)
     local = not (ray.is_initialized() or os.environ.get("RAY_ADDRESS"))
     for key, value in {**RAY_TRAIN_ENV, **(RAY_TRAIN_LOCAL_ENV if local else {})}.items():
         os.environ.setdefault(key, value)  # read by TorchTrainer, which passes them on to controller and workers
@@ -270,7 +274,7 @@ def run_train(args) -> int:
     if getattr(result, "error", None):
         print(f"dolly-train train: the run failed: {root_cause(result.error)}", file=sys.stderr)
         return 1
-    print(f"[dolly-train] done: run dir {cfg.run_dir()}", flush=True)
+    log.info(f"done: run dir {cfg.run_dir()}")
     return 0
 
 

@@ -9,12 +9,23 @@ estimate clearly exceeds the GPU.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from trainer.failures import OOM_HINT, FatalError
+from trainer.log import get_logger
+
+log = get_logger(__name__)
 
 GIB = 2**30
 # Refuse only when the estimate is this much above the device: the estimate omits a few GiB of buckets and
 # fragmentation, so a config it puts slightly over may still run (and then fails with the OOM hint).
 REFUSE_RATIO = 1.10
+
+
+class ResourcePreflightError(FatalError):
+    """The config cannot fit the GPU or the volume: retrying the same run cannot help (never retried)."""
 
 
 @dataclass
@@ -66,8 +77,11 @@ def estimate_gpu_memory(cfg, model_config, n_params: int, world_size: int) -> Me
     # MLP gate/up/activation/product, down_proj output (SDPA/flex keep no L x L matrix).
     per_layer = 2 * H + (heads + 2 * kv) * head_dim + heads * head_dim + H + 4 * I + H
     if cfg.model.activation_checkpointing:
-        # each layer keeps its input; one layer's full set lives at a time while it is recomputed
-        activations = tokens * (n_layers * H + per_layer) * half
+        # a checkpointed layer keeps its input, one layer's full set lives at a time while it is recomputed;
+        # with selective checkpointing the layers past `activation_checkpointing_layers` keep their full set
+        n_ckpt = cfg.model.activation_checkpointing_layers
+        n_ckpt = n_layers if n_ckpt is None else min(n_ckpt, n_layers)
+        activations = tokens * (n_ckpt * H + (n_layers - n_ckpt) * per_layer + per_layer) * half
     else:
         activations = tokens * n_layers * per_layer * half
     # LM head over label positions (at most every token): fp32 logits, their gradient and the bf16 product.
@@ -87,3 +101,36 @@ def checkpoint_bytes(n_params: int, save_optimizer_state: bool, precision: str, 
     # parameters on the H200); ZeRO-2's model-state file also holds the training-dtype weights, ZeRO-3's only
     # placeholders.
     return n_params * (12 + (half if stage == 2 else 0))
+
+
+def check_gpu_memory(cfg, world_size: int, device, is_main: bool) -> tuple[MemoryEstimate, int]:
+    """Before the model is built: the GPU memory this config needs, from the model's config alone (a meta-device
+    model counts the parameters). Refuses what clearly cannot fit, naming the knobs. Returns the estimate and
+    the parameter count."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(cfg.model.path)
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    est = estimate_gpu_memory(cfg, config, n_params, world_size)
+    if device.type == "cuda":
+        est.device_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+    if is_main and device.type == "cuda":
+        log.info(f"{n_params / 1e9:.3f}B parameters; {est.line()}")
+    if est.device_gib and est.total_gib > REFUSE_RATIO * est.device_gib:
+        raise ResourcePreflightError(f"{est.line()}: clearly more than the GPU holds. {OOM_HINT}")
+    return est, n_params
+
+
+def check_volume(cfg, run_dir: str | Path, needed: int) -> None:
+    """Refuses a run whose volume cannot hold one checkpoint of `needed` bytes."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(run_dir).free
+    if free < needed:
+        kind = "full" if cfg.checkpoint.save_optimizer_state else "weights-only"
+        raise ResourcePreflightError(
+            f"{run_dir}: {free / 1e9:.1f} GB free, but one {kind} checkpoint of this model takes about "
+            f"{needed / 1e9:.1f} GB (and {cfg.checkpoint.keep + 1} are on the volume "
+            "while the oldest is replaced). Use a larger volume, or checkpoint.save_optimizer_state=false "
+            "(weights-only: 2 bytes per parameter), or a smaller checkpoint.keep.")

@@ -16,8 +16,11 @@ run resumes from the last periodic checkpoint). Without Ray (world size 1) a pla
 from __future__ import annotations
 
 import signal
-import sys
 import threading
+
+from trainer.log import get_logger
+
+log = get_logger(__name__)
 
 
 class Preempted(RuntimeError):
@@ -31,8 +34,8 @@ class StopOnSigterm:
         self._restore = None
 
     def _note(self) -> None:
-        print(f"[dolly-train] rank {self.rank}: SIGTERM received; finishing the current step, then saving a "
-              f"checkpoint and exiting", file=sys.stderr, flush=True)
+        log.error(f"rank {self.rank}: SIGTERM received; finishing the current step, then saving a checkpoint "
+                  "and exiting")
 
     def install(self) -> "StopOnSigterm":
         if threading.current_thread() is threading.main_thread():

@@ -27,7 +27,6 @@ logs again once a patch succeeds.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import ssl
 import sys
@@ -37,6 +36,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from datetime import datetime, timezone
+
+from trainer.log import get_logger
 
 ANNOTATION = "dolly-train.dev/progress"
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -48,13 +49,12 @@ BACKOFF_START, BACKOFF_MAX = 5.0, 300.0
 FIELDS = ("step", "total_steps", "epoch", "percent", "eta_seconds", "loss", "val_loss", "tokens_per_s",
           "last_checkpoint", "updated_at")
 
-log = logging.getLogger("dolly_train.progress")
+log = get_logger(__name__)
 
 
 def _warn(msg: str) -> None:
-    # Ray workers' stdout reaches the driver and the submitter's log; logging may have no handler there.
-    log.warning(msg)
-    print(f"[dolly-train] warning: {msg}", flush=True)
+    # stdout (trainer/log.py): Ray workers' stdout reaches the driver and the submitter's log
+    log.warning(f"warning: {msg}")
 
 
 @dataclass
@@ -163,8 +163,7 @@ class Publisher:
             self._delay = min(self._delay * 2, self.backoff_max)
             return False
         if self._failing:
-            print(f"[dolly-train] progress published to RayJob {self.target.namespace}/{self.target.name} again",
-                  flush=True)
+            log.info(f"progress published to RayJob {self.target.namespace}/{self.target.name} again")
         self._failing, self._delay, self._retry_at = False, self.backoff_start, 0.0
         self.sent += 1
         return True

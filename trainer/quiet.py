@@ -17,7 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-TAG = "[dolly-train]"
+from trainer.log import TAG
+
 _ANSI = r"(?:\x1b\[[0-9;]*m)?"
 _RAY_PREFIX = re.compile(rf"^{_ANSI}\([^)]*pid=\d+[^)]*\){_ANSI}\s*")
 

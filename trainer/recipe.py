@@ -1,13 +1,17 @@
-"""Full fine-tuning recipe: what one training worker does (setup -> train -> save_checkpoint -> cleanup).
+"""Full fine-tuning recipe: what one training worker does, top to bottom setup -> train -> save_checkpoint ->
+cleanup (torchtune's shape).
 
-It runs inside each Ray Train worker (`trainer.launch`), or without Ray at world size 1 (`LocalContext`,
-used by `bench/train_throughput.py` and the packing tests), with the same DeepSpeed engine, data collation
-and attention path either way.
+It runs inside each Ray Train worker (`trainer.launch`, with `trainer.contexts.RayContext`), or without Ray at
+world size 1 (`trainer.contexts.LocalContext`, used by `bench/train_throughput.py` and the packing tests), with
+the same DeepSpeed engine, data collation and attention path either way.
 
-Loss: cross-entropy over response tokens only, normalised by the number of response tokens in the whole
-optimizer step across all workers and micro-batches (every worker knows it from the shared epoch plan, so it
-costs no communication). The LM head runs only on positions that have a label: with Dolly's prompts that
-skips the 32,768-way projection for most prompt tokens.
+Loss: cross-entropy over response tokens only (`trainer.model`), normalised by the number of response tokens in
+the whole optimizer step across all workers and micro-batches (every worker knows it from the shared epoch plan,
+so it costs no communication).
+
+Elsewhere: resource preflight `trainer.memory`, MFU `trainer.mfu`, metrics `trainer.metrics`, checkpoint
+files `trainer.checkpointing`, Hugging Face export `trainer.export`, time limits `trainer.watchdog`, SIGTERM
+`trainer.preemption`, live progress `trainer.progress`.
 """
 
 from __future__ import annotations
@@ -15,168 +19,36 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import zlib
 import math
-import os
 import random
 import shutil
-import tempfile
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from trainer import checkpointing
 from trainer import progress as progress_report
 from trainer.config import ConfigError, TrainConfig, deepspeed_config
-from trainer.data.packing import (
-    EpochPlan,
-    attention_inputs,
-    collate_packed,
-    plan_epoch,
-    shard_batches,
-)
+from trainer.data.packing import EpochPlan, collate_packed, collate_padded, plan_epoch, shard_batches
+from trainer.export import copy_tokenizer, save_hf_folder
 from trainer.failures import FatalError
+from trainer.fault_injection import _test_oom, _test_stall
+from trainer.log import datasets_progress_bars, get_logger
+from trainer.memory import check_gpu_memory, check_volume, checkpoint_bytes
+from trainer.metrics import MetricLogger
+from trainer.mfu import measure_peak_flops, mfu
+from trainer.model import CausalLMWithResponseLoss, restore_fp32_rope, set_checkpointed_layers
 from trainer.preemption import Preempted, StopOnSigterm
 from trainer.prompt import IGNORE_INDEX
 from trainer.watchdog import Watchdog, default_limits
 
-class ResourcePreflightError(FatalError):
-    """The config cannot fit the GPU or the volume: retrying the same run cannot help (never retried)."""
+log = get_logger(__name__)
 
-
-OOM_HINT = (
-    "Out of GPU memory. Knobs, cheapest first: model.activation_checkpointing=true, a smaller "
-    "batch.micro_batch_size (raise batch.gradient_accumulation_steps to keep the global batch), "
-    "deepspeed.stage=3, deepspeed.offload_optimizer=true, deepspeed.offload_params=true, more workers."
-)
-
-
-# ---- where the recipe runs -------------------------------------------------------------------------
-
-class LocalContext:
-    """World size 1, no Ray: checkpoints are plain directories under `run_dir`."""
-
-    rank = 0
-    world_size = 1
-    local_rank = 0
-
-    def __init__(self, run_dir: str | Path):
-        self.run_dir = Path(run_dir)
-
-    def latest_checkpoint(self) -> Path | None:
-        return checkpointing.latest_valid(checkpointing.checkpoints(self.run_dir))
-
-    @contextlib.contextmanager
-    def checkpoint_dir(self, name: str) -> Iterator[Path]:
-        final = self.run_dir / name
-        tmp = self.run_dir / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            yield tmp
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-
-    def report(self, metrics: dict, checkpoint: Path | None = None) -> None:
-        pass
-
-
-class RayContext:
-    """Ray Train V2 worker: rank/world from the train context, checkpoints through `ray.train.report`."""
-
-    def __init__(self, cfg: TrainConfig):
-        import ray.train
-
-        self._train = ray.train
-        ctx = ray.train.get_context()
-        self.rank = ctx.get_world_rank()
-        self.world_size = ctx.get_world_size()
-        self.local_rank = ctx.get_local_rank()
-        self.run_dir = Path(cfg.run_dir()) if not cfg.is_remote_storage else None
-        self._pending: Any = None
-
-    def latest_checkpoint(self):
-        if self.run_dir is not None:
-            # Shared filesystem: read in place; the newest checkpoint that verifies (a damaged one is skipped with
-            # a warning), rank 0's choice for every rank.
-            warn = print if self.rank == 0 else (lambda _m: None)
-            found = checkpointing.latest_valid(checkpointing.checkpoints(self.run_dir), warn=warn)
-            if self.world_size > 1:
-                choice = [str(found) if found else None]
-                torch.distributed.broadcast_object_list(choice, src=0)
-                found = Path(choice[0]) if choice[0] else None
-            return found
-        ckpt = self._train.get_checkpoint()
-        if ckpt is None:
-            return None
-        path = Path(ckpt.to_directory())  # object storage: download
-        checkpointing.verify(path)
-        return path
-
-    @contextlib.contextmanager
-    def checkpoint_dir(self, name: str) -> Iterator[Path]:
-        # Shared filesystem: every rank writes its shards straight into the run dir (no second copy of
-        # ~100 GB of optimizer state for a 7B model); object storage: write locally, Ray uploads.
-        if self.run_dir is not None:
-            path = self.run_dir / name
-            path.mkdir(parents=True, exist_ok=True)
-            yield path
-            self._pending = (path, "NO_UPLOAD", name)
-        else:
-            tmp = Path(tempfile.mkdtemp(prefix=f"{name}-"))
-            yield tmp
-            self._pending = (tmp, "SYNC", name)
-
-    def report(self, metrics: dict, checkpoint: Path | None = None) -> None:
-        from ray.train import Checkpoint
-        from ray.train.v2.api.report_config import CheckpointUploadMode
-
-        if checkpoint is None:
-            self._train.report(metrics)
-            return
-        path, mode, name = self._pending
-        self._train.report(
-            metrics,
-            checkpoint=Checkpoint.from_directory(str(path)),
-            checkpoint_dir_name=name,
-            checkpoint_upload_mode=CheckpointUploadMode[mode],
-        )
-        if mode == "SYNC":
-            shutil.rmtree(path, ignore_errors=True)
-
-
-# ---- the model wrapper DeepSpeed trains ----------------------------------------------------------
-
-class CausalLMWithResponseLoss(torch.nn.Module):
-    """HF causal LM + a loss that runs the LM head only where a label exists. Returns
-    (sum of token losses x `scale`, number of label tokens)."""
-
-    def __init__(self, model: torch.nn.Module, attn_implementation: str):
-        super().__init__()
-        self.model = model
-        self.attn_implementation = attn_implementation
-
-    def forward(self, input_ids, labels, position_ids, doc_ids, scale):
-        extra = attention_inputs({"doc_ids": doc_ids, "position_ids": position_ids}, self.attn_implementation,
-                                 self.model.dtype)
-        hidden = self.model.model(input_ids=input_ids, use_cache=False, **extra).last_hidden_state  # (B, L, H)
-        targets = labels[:, 1:]  # token t predicts t+1
-        keep = targets != IGNORE_INDEX
-        h = hidden[:, :-1][keep]  # (N, H) only positions with a label
-        logits = self.model.lm_head(h).float()  # (N, V)
-        loss_sum = F.cross_entropy(logits, targets[keep], reduction="sum")
-        return loss_sum * scale, keep.sum()
-
-
-# ---- progress record ---------------------------------------------------------------------------
 
 @dataclass
 class Progress:
@@ -199,24 +71,6 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
         return floor + (1 - floor) * shape
 
     return fn
-
-
-def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """A quick matmul rate on this device, the MFU denominator (bf16 on GPUs, fp32 on CPUs)."""
-    n = 8192 if device.type == "cuda" else 512
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    reps = 20 if device.type == "cuda" else 5
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
 class FullFinetuneRecipe:
@@ -263,36 +117,15 @@ class FullFinetuneRecipe:
                                        "checkpoint_bytes_estimate": self.checkpoint_bytes})
 
     def _preflight_resources(self) -> None:
-        """Before the model is built: the GPU memory this config needs and the volume space a checkpoint
-        takes, from the model's config alone. Refuses what clearly cannot fit, naming the knobs."""
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        from trainer.memory import REFUSE_RATIO, checkpoint_bytes, estimate_gpu_memory
-
-        config = AutoConfig.from_pretrained(self.cfg.model.path)
-        with torch.device("meta"):
-            n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
-        est = estimate_gpu_memory(self.cfg, config, n_params, self.ctx.world_size)
-        if self.device.type == "cuda":
-            est.device_gib = torch.cuda.get_device_properties(self.device).total_memory / 2**30
-        self.memory_estimate = est
-        if self.is_main and self.device.type == "cuda":
-            print(f"[dolly-train] {n_params / 1e9:.3f}B parameters; {est.line()}", flush=True)
-        if est.device_gib and est.total_gib > REFUSE_RATIO * est.device_gib:
-            raise ResourcePreflightError(f"{est.line()}: clearly more than the GPU holds. {OOM_HINT}")
-        self.checkpoint_bytes = checkpoint_bytes(n_params, self.cfg.checkpoint.save_optimizer_state,
-                                                 self.cfg.model.precision, self.cfg.deepspeed.stage)
+        """Before the model is built: refuse a config that clearly cannot fit the GPU or the volume
+        (trainer/memory.py)."""
+        cfg = self.cfg
+        self.memory_estimate, n_params = check_gpu_memory(cfg, self.ctx.world_size, self.device, self.is_main)
+        self.checkpoint_bytes = checkpoint_bytes(n_params, cfg.checkpoint.save_optimizer_state, cfg.model.precision,
+                                                 cfg.deepspeed.stage)
         run_dir = getattr(self.ctx, "run_dir", None)
         if self.is_main and run_dir is not None:
-            Path(run_dir).mkdir(parents=True, exist_ok=True)
-            free = shutil.disk_usage(run_dir).free
-            if free < self.checkpoint_bytes:
-                kind = "full" if self.cfg.checkpoint.save_optimizer_state else "weights-only"
-                raise ResourcePreflightError(
-                    f"{run_dir}: {free / 1e9:.1f} GB free, but one {kind} checkpoint of this model takes about "
-                    f"{self.checkpoint_bytes / 1e9:.1f} GB (and {self.cfg.checkpoint.keep + 1} are on the volume "
-                    "while the oldest is replaced). Use a larger volume, or checkpoint.save_optimizer_state=false "
-                    "(weights-only: 2 bytes per parameter), or a smaller checkpoint.keep.")
+            check_volume(cfg, run_dir, self.checkpoint_bytes)
 
     # ---- time limits (trainer/watchdog.py) --------------------------------------------------------
     @contextlib.contextmanager
@@ -313,6 +146,7 @@ class FullFinetuneRecipe:
         if train_examples is None:
             from datasets import load_from_disk
 
+            datasets_progress_bars()
             root = Path(self.cfg.data.path) / "tokenized"
             train_examples = load_from_disk(str(root / "train")).select_columns(["id", "input_ids", "labels"]).to_list()
             val_examples = load_from_disk(str(root / "validation")).select_columns(["id", "input_ids", "labels"]).to_list()
@@ -348,12 +182,14 @@ class FullFinetuneRecipe:
         model = AutoModelForCausalLM.from_pretrained(
             self.weights_path, dtype=self.dtype, attn_implementation=self.cfg.model.attn_implementation)
         model.config.use_cache = False
+        restore_fp32_rope(model)
         # from_pretrained returns the model in eval mode, and transformers applies activation checkpointing
         # only in training mode (`self.gradient_checkpointing and self.training`): without this, the
         # checkpointing preset silently kept every activation and ran out of memory on the GPU.
         model.train()
         if self.cfg.model.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            set_checkpointed_layers(model, self.cfg.model.activation_checkpointing_layers)
         self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         return CausalLMWithResponseLoss(model, self.cfg.model.attn_implementation)
 
@@ -403,8 +239,7 @@ class FullFinetuneRecipe:
         else:  # weights-only: the model came from <ckpt>/hf in setup; the LR schedule continues, Adam restarts
             self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
             if self.is_main:
-                print(f"[dolly-train] {ckpt} is a weights-only checkpoint: Adam's moments restart from zero",
-                      flush=True)
+                log.info(f"{ckpt} is a weights-only checkpoint: Adam's moments restart from zero")
         self.progress = Progress(**json.loads((ckpt / "progress.json").read_text()))
         rng = ckpt / f"rng_rank{self.ctx.rank}.pt"
         if rng.exists():
@@ -415,9 +250,8 @@ class FullFinetuneRecipe:
             if state.get("cuda") is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state(state["cuda"])
         if self.is_main:
-            print(f"[dolly-train] resumed from {ckpt} at step {self.progress.global_step} "
-                  f"(epoch {self.progress.epoch}, step {self.progress.step_in_epoch} of {self.steps_per_epoch})",
-                  flush=True)
+            log.info(f"resumed from {ckpt} at step {self.progress.global_step} "
+                     f"(epoch {self.progress.epoch}, step {self.progress.step_in_epoch} of {self.steps_per_epoch})")
         self._resumed_from = str(ckpt)
 
     # ---- one optimizer step ------------------------------------------------------------------
@@ -428,17 +262,17 @@ class FullFinetuneRecipe:
         step_batches = plan.batches[lo:hi]  # all workers' micro-batches of this step
         global_labels = sum(self.n_labels[i] for b in step_batches for row in b for i in row)
         mine = shard_batches(step_batches, self.ctx.rank, W)
-        micro = [self.collate(b, self.train_examples, self.lengths) for b in mine]
+        micro = [self.collate(b, self.train_examples) for b in mine]
         real = sum(self.lengths[i] for b in mine for row in b for i in row)
         # crc of the whole step's example indices, in order: lets a resumed run prove it saw the same data
         self._fingerprint = zlib.crc32(repr(step_batches).encode(), self._fingerprint)
         return micro, global_labels, real
 
-    def collate(self, rows: list[list[int]], examples: list[dict], lengths: list[int]) -> dict:
+    def collate(self, rows: list[list[int]], examples: list[dict]) -> dict:
         """Packed rows fill max_length; padded rows (one example each) pad to the longest in the batch."""
-        L = self.cfg.data.max_length if self.cfg.data.packing else max(
-            [sum(lengths[i] for i in row) for row in rows] + [1])
-        return collate_packed([[examples[i] for i in row] for row in rows], L)
+        if self.cfg.data.packing:
+            return collate_packed([[examples[i] for i in row] for row in rows], self.cfg.data.max_length)
+        return collate_padded([examples[i] for row in rows for i in row])
 
     def train_step(self, micro: list[dict], global_labels: int) -> dict:
         W, A = self.ctx.world_size, self.accum
@@ -541,7 +375,7 @@ class FullFinetuneRecipe:
         p = self.progress
         p.tokens_seen += int(tokens)
         grad_norm = self.engine.get_global_grad_norm()
-        mfu = 6 * self.n_params * tps / (self.peak_flops * self.ctx.world_size) if self.peak_flops else None
+        mfu_now = mfu(self.n_params, tps, self.peak_flops, self.ctx.world_size)
         m = {
             "step": p.global_step,
             "epoch": p.epoch + p.step_in_epoch / max(self.steps_per_epoch, 1),
@@ -550,14 +384,14 @@ class FullFinetuneRecipe:
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_s": tps,
             "tokens_per_s_per_worker": tps / self.ctx.world_size,
-            "mfu": mfu,
+            "mfu": mfu_now,
             "packing_efficiency": plan.efficiency,
             "step_time_s": elapsed / max(window_steps, 1),
             "tokens_seen": p.tokens_seen,
             "data_fingerprint": self._fingerprint,
         }
         self._fingerprint = 0
-        if mfu is None:
+        if mfu_now is None:
             del m["mfu"]
         if self.device.type == "cuda":
             m["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -581,7 +415,7 @@ class FullFinetuneRecipe:
         total = torch.zeros(2, device=self.device)
         self.engine.eval()
         for rows in mine:
-            mb = {k: v.to(self.device) for k, v in self.collate(rows, self.val_examples, lengths).items()}
+            mb = {k: v.to(self.device) for k, v in self.collate(rows, self.val_examples).items()}
             loss_sum, n = self.engine(mb["input_ids"], mb["labels"], mb["position_ids"], mb["doc_ids"], 1.0)
             total += torch.stack([loss_sum.float(), n.float()])
         self.engine.train()
@@ -657,8 +491,6 @@ class FullFinetuneRecipe:
 
     def export(self, out: str | Path) -> Path | None:
         """Consolidated Hugging Face folder (all ranks must call: ZeRO-3 gathers the shards)."""
-        from trainer.export import save_hf_folder
-
         module = self.engine.module
         if self.cfg.deepspeed.stage == 3:
             state = self.engine._zero3_consolidated_16bit_state_dict()
@@ -682,77 +514,3 @@ class FullFinetuneRecipe:
             self.watchdog.close()
         if hasattr(self, "metrics"):  # setup may have failed before the logger existed
             self.metrics.close()
-
-
-# ---- test hooks (the reliability tests set these in real Ray workers) ------------------------------
-
-def _test_stall(phase: str, rank: int) -> None:
-    """DOLLY_TEST_STALL="RANK:PHASE": that rank blocks forever when it enters that phase."""
-    spec = os.environ.get("DOLLY_TEST_STALL", "")
-    if spec and spec == f"{rank}:{phase}":
-        while True:
-            time.sleep(0.2)
-
-
-def _test_oom(step: int, rank: int) -> None:
-    """DOLLY_TEST_OOM_AT_STEP=N: rank 0 runs out of memory in optimizer step N (as torch reports it)."""
-    at = os.environ.get("DOLLY_TEST_OOM_AT_STEP")
-    if at and int(at) == step and rank == 0:
-        raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (DOLLY_TEST_OOM_AT_STEP={at})")
-
-
-def copy_tokenizer(src: str | Path, dst: Path) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer.model", "tokenizer.model.v3", "tokenizer_config.json", "special_tokens_map.json",
-                 "tokenizer.json"):
-        f = Path(src) / name
-        if f.is_file():
-            shutil.copyfile(f, dst / name)
-
-
-# ---- metrics ----------------------------------------------------------------------------------
-
-class MetricLogger:
-    """Rank 0 only: JSON lines in <run>/metrics.jsonl and TensorBoard events in <run>/tensorboard."""
-
-    def __init__(self, cfg: TrainConfig, enabled: bool):
-        self.enabled = enabled
-        self.tb = None
-        if not enabled:
-            return
-        root = Path(cfg.run_dir()) if not cfg.is_remote_storage else Path(tempfile.gettempdir()) / "dolly-train" / cfg.checkpoint.run_name
-        root.mkdir(parents=True, exist_ok=True)
-        self.path = root / "metrics.jsonl"
-        self.fh = open(self.path, "a", buffering=1)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(root / "tensorboard"))
-        except ImportError:
-            self.tb = None
-
-    def log(self, kind: str, metrics: dict) -> None:
-        if not self.enabled:
-            return
-        record = {"kind": kind, "time": time.time(), **metrics}
-        self.fh.write(json.dumps(record) + "\n")
-        if kind == "train":
-            print("[dolly-train] " + " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()), flush=True)
-        elif kind == "eval":
-            print(f"[dolly-train] step={metrics['step']} val_loss={metrics['val_loss']:.4f}", flush=True)
-        if self.tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
-                    self.tb.add_scalar(f"{kind}/{k}", v, metrics["step"])
-
-    def close(self) -> None:
-        if self.enabled:
-            self.fh.close()
-            if self.tb is not None:
-                self.tb.close()
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)

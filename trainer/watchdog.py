@@ -33,6 +33,9 @@ from pathlib import Path
 from typing import Iterator
 
 from trainer.failures import FatalError
+from trainer.log import get_logger
+
+log = get_logger(__name__)
 
 
 class PhaseTimeout(FatalError):
@@ -119,13 +122,13 @@ class Watchdog:
                 continue
             err = self._timeout_error(name, elapsed, limit, thread)
             self._fired = err
-            print(f"[dolly-train] {err}", file=sys.stderr, flush=True)
+            log.error(str(err))
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
             self._fail(err, thread)
             # Still here after exit_after_s: the controller never stopped us (or there is none). Exit.
             if not self._stop.wait(self.exit_after_s):
-                print(f"[dolly-train] rank {self.rank}: still stuck {self.exit_after_s:.0f} s after the watchdog "
-                      f"fired; exiting the process", file=sys.stderr, flush=True)
+                log.error(f"rank {self.rank}: still stuck {self.exit_after_s:.0f} s after the watchdog fired; "
+                          "exiting the process")
                 os._exit(70)
             return
 

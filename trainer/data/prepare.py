@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
 import sys
 import time
 from collections import Counter
@@ -24,14 +23,15 @@ from pathlib import Path
 from typing import Iterable
 
 import yaml
-from tqdm import tqdm
 
 from trainer.atomic import atomic_dir
-from trainer.data.records import SOURCES, DataError, Raw, read_hub, read_jsonl, read_synthetic, record_id, validate
+from trainer.data.records import SOURCES, DataError, Raw, read_hub, read_jsonl, record_id, validate
 from trainer.data.split import SPLITS, split_records
+from trainer.data.synthetic import read_synthetic
+from trainer.log import datasets_progress_bars, get_logger
 from trainer.prompt import PromptEncoder
 
-log = logging.getLogger("dolly-train.prepare")
+log = get_logger(__name__)
 
 SCHEMA_VERSION = 1
 SYNTHETIC_DEFAULT_EXAMPLES = 2000
@@ -41,6 +41,7 @@ MAX_SKIP_WARNINGS = 20  # one line per skipped record up to this many; the manif
 
 
 def sha256_file(path: Path) -> str:
+    """The manifest's digest of a file (also the evaluator's check of model and data files)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 24):
@@ -94,6 +95,8 @@ def collect(raws: Iterable[Raw], skip_invalid: bool, num_examples: int | None) -
 
 def tokenize(records: list[dict], encoder: PromptEncoder, max_length: int) -> tuple[list[dict], list[dict], int]:
     """(kept records, their encodings, number dropped for being longer than max_length)."""
+    from tqdm import tqdm
+
     kept, encoded, too_long = [], [], 0
     start_time = time.perf_counter()
     with tqdm(total=len(records), desc="tokenize", unit="rec", disable=None) as bar:
@@ -145,6 +148,8 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
 
 def _save_tokenized(path: Path, rows: list[dict]) -> None:
     import datasets
+
+    datasets_progress_bars()
 
     features = datasets.Features({
         "id": datasets.Value("string"),
@@ -287,8 +292,6 @@ def resolve_options(args: argparse.Namespace, spec: dict = OPTIONS, required: tu
 
 
 def run(args: argparse.Namespace) -> int:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         options = resolve_options(args)
         manifest = prepare(**options)

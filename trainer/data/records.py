@@ -1,4 +1,5 @@
-"""Dolly records: the three sources, validation and stable ids.
+"""Dolly records, the data schema: fields and categories, the hub and JSONL sources, validation and stable ids
+(the synthetic source is `trainer.data.synthetic.read_synthetic`).
 
 A source yields `Raw` items (where it came from + the parsed object, or the reason it could not be parsed);
 `validate()` turns one into a clean record or raises `DataError` naming the file, the line and the field.
@@ -13,10 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from trainer.data.synthetic import CATEGORY_MIX
+from trainer.log import datasets_progress_bars
 
 HUB_DATASET = "databricks/databricks-dolly-15k"
-CATEGORIES = tuple(CATEGORY_MIX)
+# Dolly-15k's eight categories, most common first (the synthetic generator allocates in this order).
+CATEGORIES = ("open_qa", "general_qa", "classification", "closed_qa", "brainstorming", "information_extraction",
+              "summarization", "creative_writing")
+# Every record of these categories has a context passage in Dolly-15k, and no record of the others.
+CONTEXT_CATEGORIES = frozenset({"closed_qa", "information_extraction", "summarization"})
 FIELDS = ("instruction", "context", "response", "category")
 SOURCES = ("hub", "jsonl", "synthetic")
 
@@ -95,6 +100,7 @@ def read_hub(path: str | Path | None = None) -> Iterator[Raw]:
     local copy (a dataset repo folder, or a .jsonl/.json/.parquet file) - the way to run without the hub."""
     import datasets
 
+    datasets_progress_bars()
     if path is None:
         name, kwargs = HUB_DATASET, {}
     else:
@@ -117,9 +123,3 @@ def read_hub(path: str | Path | None = None) -> Iterator[Raw]:
     for i, row in enumerate(ds):
         yield Raw(f"{name} row {i}", i, row)
 
-
-def read_synthetic(num_examples: int, seed: int, profile: str = "learnable") -> Iterator[Raw]:
-    from trainer.data.synthetic import generate
-
-    for i, rec in enumerate(generate(num_examples, seed=seed, profile=profile)):
-        yield Raw(f"synthetic:{i}", None, rec)

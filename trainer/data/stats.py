@@ -20,10 +20,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from trainer.data.prepare import resolve_options
 from trainer.data.records import DataError
+from trainer.log import datasets_progress_bars
 
 PERCENTILES = (50, 90, 99)
 
@@ -31,6 +30,8 @@ PERCENTILES = (50, 90, 99)
 def length_stats(lengths: list[int]) -> dict:
     if not lengths:
         return {"count": 0, "mean": None, "p50": None, "p90": None, "p99": None, "max": None}
+    import numpy as np
+
     a = np.asarray(lengths)
     out = {"count": int(a.size), "mean": round(float(a.mean()), 1)}
     out.update({f"p{q}": int(np.percentile(a, q, method="inverted_cdf")) for q in PERCENTILES})
@@ -51,7 +52,10 @@ def _read_manifest(data: Path) -> dict:
 def split_lengths(data: Path, manifest: dict) -> dict[str, tuple[list[str], list[int]]]:
     """split -> (categories, token lengths), one entry per example, in the split's order."""
     import datasets
+
     import pyarrow.compute as pc
+
+    datasets_progress_bars()
 
     out = {}
     for name in ("train", "validation"):
@@ -66,7 +70,8 @@ def split_lengths(data: Path, manifest: dict) -> dict[str, tuple[list[str], list
     if test.is_file() and tokenizer.is_file():
         from trainer.prompt import PromptEncoder
 
-        records = [json.loads(line) for line in test.read_text(encoding="utf-8").splitlines() if line.strip()]
+        # "\n" only: str.splitlines() would also split at U+2028 inside a record's text
+        records = [json.loads(line) for line in test.read_text(encoding="utf-8").split("\n") if line.strip()]
         encoded = PromptEncoder(tokenizer.parent).encode_examples(records)
         out["test"] = ([r["category"] for r in records], [len(e.input_ids) for e in encoded])
     return out
@@ -126,6 +131,7 @@ def _atomic_write(path: Path, write) -> None:
 
 def plot(lengths: dict, stats: dict, path: Path) -> None:
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -23,20 +23,22 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Iterator
+
+from trainer.data.records import CATEGORIES, CONTEXT_CATEGORIES, Raw
 
 # Dolly-15k's category shares (sampled from the real file; rounded, they sum to 1.01 and are normalized
-# where used). Order matters: it is the allocation order.
-CATEGORY_MIX = {
-    "open_qa": 0.25,
-    "general_qa": 0.15,
-    "classification": 0.14,
-    "closed_qa": 0.12,
-    "brainstorming": 0.12,
-    "information_extraction": 0.10,
-    "summarization": 0.08,
-    "creative_writing": 0.05,
-}
-CONTEXT_CATEGORIES = frozenset({"closed_qa", "information_extraction", "summarization"})
+# where used), for the schema's categories in the schema's order, which is the allocation order.
+CATEGORY_MIX = dict(zip(CATEGORIES, (
+    0.25,  # open_qa
+    0.15,  # general_qa
+    0.14,  # classification
+    0.12,  # closed_qa
+    0.12,  # brainstorming
+    0.10,  # information_extraction
+    0.08,  # summarization
+    0.05,  # creative_writing
+), strict=True))
 PROFILES = ("learnable", "dolly")
 
 # ---- the fixed world ---------------------------------------------------------------------------------
@@ -399,3 +401,9 @@ def generate(num_examples: int, seed: int = 0, profile: str = "learnable") -> li
         seen.add(key)
         records.append({"instruction": instruction, "context": context, "response": response, "category": category})
     return records
+
+
+def read_synthetic(num_examples: int, seed: int, profile: str = "learnable") -> Iterator[Raw]:
+    """The synthetic source of `dolly-train prepare`: generated records as `Raw` items."""
+    for i, rec in enumerate(generate(num_examples, seed=seed, profile=profile)):
+        yield Raw(f"synthetic:{i}", None, rec)
