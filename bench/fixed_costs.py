@@ -42,9 +42,8 @@ from trainer import config as C
 from trainer.recipe import FullFinetuneRecipe
 try:
     from trainer.contexts import LocalContext
-    from trainer.metrics import MetricLogger
 except ImportError:  # a checkout from before trainer/contexts.py (the "before" figures)
-    from trainer.recipe import LocalContext, MetricLogger
+    from trainer.recipe import LocalContext
 t["import (torch, transformers, deepspeed)"] = time.perf_counter() - t0
 model, data, out = sys.argv[1:4]
 cfg = C.load("cpu-tiny", [f"model.path={model}", f"data.path={data}", f"checkpoint.storage_path={out}",
@@ -58,23 +57,22 @@ t0 = time.perf_counter()
 deepspeed.init_distributed(dist_backend="gloo")  # on CPU: where DeepSpeed JIT-builds its shm comm op
 t["DeepSpeed init_distributed"] = time.perf_counter() - t0
 recipe = FullFinetuneRecipe(cfg, LocalContext(cfg.run_dir()))
+# setup() as the product runs it, with deepspeed.initialize (inside _setup_engine) timed apart
+setup_engine = recipe._setup_engine
+def _timed_engine(model):
+    t0 = time.perf_counter()
+    setup_engine(model)
+    t["deepspeed.initialize"] = time.perf_counter() - t0
+recipe._setup_engine = _timed_engine
 t0 = time.perf_counter()
-recipe.device, recipe.dtype = torch.device("cpu"), torch.float32
-recipe._setup_data(None, None)
-recipe.ds_config = C.deepspeed_config(cfg)
-model_ = recipe._setup_model()
-t["data + model load"] = time.perf_counter() - t0
-t0 = time.perf_counter()
-recipe._setup_engine(model_)
-t["deepspeed.initialize"] = time.perf_counter() - t0
-recipe._fingerprint = 0
+recipe.setup()
+t["data + model load (rest of setup)"] = time.perf_counter() - t0 - t["deepspeed.initialize"]
 plan = recipe._plan(0)
 micro, labels, _ = recipe.step_batches(plan, 0)
 t0 = time.perf_counter()
 recipe.train_step(micro, labels)
 t["first step"] = time.perf_counter() - t0
-from trainer.recipe import Progress
-recipe.progress, recipe.metrics = Progress(global_step=1), MetricLogger(cfg, enabled=True)
+recipe.progress.global_step = 1
 t0 = time.perf_counter()
 recipe.save_checkpoint()
 t["checkpoint"] = time.perf_counter() - t0
@@ -157,7 +155,8 @@ def ray_start(env: dict) -> dict:
 def train_run(env: dict, work: Path) -> tuple[dict, float, bool]:
     cmd = [sys.executable, "-m", "trainer.cli", "train", "--config", "cpu-tiny", f"model.path={work / 'tiny'}",
            f"data.path={work / 'data'}", f"checkpoint.storage_path={work / 'runs'}", "checkpoint.run_name=fixed",
-           "schedule.max_steps=4", "logging.every_steps=1", "logging.eval_every_steps=100"]
+           "schedule.max_steps=4", "logging.every_steps=1", "logging.eval_every_steps=100",
+           "--verbose"]  # Ray's own lines too (the marks below); the default prints only dolly-train's
     wall, lines, rc = timed(cmd, env)
     if rc != 0:
         print("\n".join(line for _, line in lines[-40:]), file=sys.stderr)

@@ -6,6 +6,9 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +32,23 @@ for _var, _sub in (("TMPDIR", "tmp"), ("RAY_TMPDIR", "ray"), ("TORCH_EXTENSIONS_
     (SESSION_TMP / _sub).mkdir()
     os.environ[_var] = str(SESSION_TMP / _sub)
 tempfile.tempdir = None  # recomputed from TMPDIR: pytest's basetemp goes there too
+
+
+_PYTEST_PID = os.getpid()
+
+
+def _interrupt_on_sigterm(signum, frame):
+    if os.getpid() != _PYTEST_PID:  # a child forked from pytest (multiprocessing): the default, exit at once
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: `timeout` signals both pytest and its process group
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# SIGTERM (`timeout`, a cancelled CI job) ends the session like Ctrl-C: pytest stops and still runs the cleanup
+# below; Python's default for SIGTERM is to exit at once, leaving the temp dir and every process behind.
+signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
 
 
 def _session_processes() -> dict[int, int]:
@@ -80,9 +100,14 @@ def _no_stray_processes():
 
 @pytest.hookimpl(trylast=True)  # after pytest's own tmp_path bookkeeping
 def pytest_sessionfinish(session, exitstatus):
+    import multiprocessing.util
+
     kill_stray_processes(keep_children=False)
     time.sleep(0.5)  # let the kernel reap them before their files go
-    shutil.rmtree(SESSION_TMP, ignore_errors=True)
+    # Removed when pytest exits, just after multiprocessing removes the temp dir it made there (pymp-*, exit
+    # priority -100): removed now, that finalizer printed a traceback (FileNotFoundError) at the end of every run.
+    multiprocessing.util.Finalize(None, shutil.rmtree, args=(str(SESSION_TMP),), kwargs={"ignore_errors": True},
+                                  exitpriority=-200)
 
 
 @pytest.fixture(scope="session")
@@ -113,3 +138,59 @@ def synthetic_data_dir(tmp_path_factory, tiny_model_dir) -> Path:
     prepare(source="synthetic", out=out, tokenizer=tiny_model_dir, max_length=512,
             num_examples=600, seed=0, val_size=48, test_size=48)
     return out
+
+
+# ---- one Ray cluster for the session's `dolly-train train` runs ------------------------------------------
+
+# What `dolly-train train` sets for the local cluster it starts itself (trainer/launch.py, RAY_TRAIN_LOCAL_ENV):
+# a run that joins the session's cluster instead gets the same Ray Train settings as one that starts its own.
+LOCAL_RUN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> dict[str, str]:
+    """A local Ray cluster (`ray start --head --block`, no dashboard, 4 logical CPUs) shared by the session's
+    `dolly-train train` runs: each run joins it through RAY_ADDRESS, as on KubeRay, instead of starting and
+    stopping its own (ray.init + ray.shutdown: 5-25 s each on 2 cores). Returns the env a run needs. Tests that
+    need a cluster of their own (token auth, a dashboard, the in-process start itself) keep their own.
+    `ray start --block` runs in the foreground as a child of pytest: its GCS, raylet and worker processes are
+    pytest's descendants (kept by the per-test stray-process check), all in its process group."""
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    # Free ports, never Ray's fixed defaults: GCS 6379, and the dashboard agent's HTTP port 52365, which the chart
+    # contract test's head needs for its job agent while this cluster is up (other sessions may run Ray too).
+    port, agent_port = free_port(), free_port()
+    address = f"127.0.0.1:{port}"
+    ray_bin = Path(sys.executable).parent / "ray"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    log_path = SESSION_TMP / "ray-head.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [str(ray_bin), "start", "--head", "--block", "--port", str(port), "--node-ip-address", "127.0.0.1",
+             "--dashboard-agent-listen-port", str(agent_port), "--num-cpus", "4", "--include-dashboard", "false",
+             "--disable-usage-stats",
+             "--temp-dir", os.environ["RAY_TMPDIR"]],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    run_env = {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled", **LOCAL_RUN_ENV}
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None, f"the session's Ray head exited: {log_path.read_text()[-4000:]}"
+            probe = subprocess.run([sys.executable, "-c", "import ray; ray.init(); ray.shutdown()"],
+                                   env={**env, **run_env}, capture_output=True, text=True, timeout=120)
+            if probe.returncode == 0:
+                break
+            assert time.time() < deadline, f"the session's Ray head is not up after 180 s: {probe.stderr[-3000:]}"
+            time.sleep(1)
+        yield run_env
+    finally:
+        if proc.poll() is None:
+            # All of it at once: a graceful SIGTERM stops Ray's processes in turn, with waits (34-39 s measured
+            # for a head with a dashboard); the cluster holds nothing to save, and its files go with SESSION_TMP.
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+

@@ -82,8 +82,11 @@ def test_train_refuses_bad_runs_before_starting_workers(tmp_path, capsys, tiny_m
 
 
 @pytest.mark.slow
-def test_train_refuses_gpu_config_without_gpus(tmp_path, capsys, tiny_model_dir, synthetic_data_dir):
+def test_train_refuses_gpu_config_without_gpus(tmp_path, capsys, tiny_model_dir, synthetic_data_dir, ray_cluster,
+                                               monkeypatch):
     # bf16 + GPUs is a valid config; this machine's Ray cluster has no GPUs, so it must stop before workers start
+    for key, value in ray_cluster.items():  # the session's cluster (conftest.py), as the other train runs
+        monkeypatch.setenv(key, value)
     rc = _train(f"model.path={tiny_model_dir}", f"data.path={synthetic_data_dir}", f"checkpoint.storage_path={tmp_path}",
                 "scaling.use_gpu=true", "model.precision=bf16")
     assert rc == 2

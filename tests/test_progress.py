@@ -198,13 +198,13 @@ def test_wait_shows_progress_lines_while_it_waits(api, kube, capsys):
 
 @pytest.mark.slow
 def test_tiny_ray_run_publishes_progress_to_its_rayjob(kube, server, token_file, tmp_path, tiny_model_dir,
-                                                       synthetic_data_dir):
+                                                       synthetic_data_dir, ray_cluster):
     """`dolly-train train` on the local Ray cluster (2 CPU workers, 6 steps): rank 0, a Ray Train worker process,
     patches the RayJob named by DOLLY_RAYJOB_NAME at each logging interval and checkpoint."""
     from test_train import train
 
     put_rayjob(kube, "tiny-run", [rayjob_status("Running", "RUNNING")])
-    env = {progress.ENV_NAME: "tiny-run", progress.ENV_NAMESPACE: NS, progress.ENV_API: server,
+    env = {**ray_cluster, progress.ENV_NAME: "tiny-run", progress.ENV_NAMESPACE: NS, progress.ENV_API: server,
            progress.ENV_TOKEN_FILE: str(token_file)}
     proc = train(tmp_path, tiny_model_dir, synthetic_data_dir, "progress", "schedule.max_steps=6", env=env)
     assert "cannot publish progress" not in proc.stdout + proc.stderr

@@ -167,12 +167,13 @@ def starts(pid_dir: Path) -> list[str]:
     return (pid_dir / "starts.log").read_text().split("\n")[:-1] if (pid_dir / "starts.log").exists() else []
 
 
-def test_worker_stalled_in_setup_fails_the_run_within_the_limit(tmp_path, tiny_model_dir, synthetic_data_dir):
+def test_worker_stalled_in_setup_fails_the_run_within_the_limit(tmp_path, tiny_model_dir, synthetic_data_dir,
+                                                                ray_cluster):
     """Rank 1 blocks in its data-load phase; with watchdog.setup_s=15 the run fails with the phase, the rank, the
     time and the stuck stack - and Ray Train does not restart it (max_failures=2)."""
     pid_dir = tmp_path / "pids"
     proc, wall = ray_train(tmp_path, tiny_model_dir, synthetic_data_dir, "stall", "watchdog.setup_s=15",
-                           env={"DOLLY_TEST_STALL": "1:data load", "DOLLY_PID_DIR": str(pid_dir)})
+                           env={**ray_cluster, "DOLLY_TEST_STALL": "1:data load", "DOLLY_PID_DIR": str(pid_dir)})
     err = proc.stderr
     assert proc.returncode == 1, proc.stdout[-3000:] + err[-3000:]
     assert "rank 1 spent" in err and "in phase 'data load' (limit 15 s" in err, err[-3000:]
@@ -186,10 +187,10 @@ def test_worker_stalled_in_setup_fails_the_run_within_the_limit(tmp_path, tiny_m
     assert since_start < 15 + 90, (since_start, wall, err[-3000:])
 
 
-def test_oom_in_first_step_is_not_retried(tmp_path, tiny_model_dir, synthetic_data_dir):
+def test_oom_in_first_step_is_not_retried(tmp_path, tiny_model_dir, synthetic_data_dir, ray_cluster):
     pid_dir = tmp_path / "pids"
     proc, _ = ray_train(tmp_path, tiny_model_dir, synthetic_data_dir, "oom",
-                        env={"DOLLY_TEST_OOM_AT_STEP": "1", "DOLLY_PID_DIR": str(pid_dir)})
+                        env={**ray_cluster, "DOLLY_TEST_OOM_AT_STEP": "1", "DOLLY_PID_DIR": str(pid_dir)})
     err = proc.stderr
     assert proc.returncode == 1, proc.stdout[-3000:] + err[-3000:]
     assert "dolly-train train: the run failed: rank 0: Out of GPU memory." in err, err[-3000:]
@@ -197,7 +198,7 @@ def test_oom_in_first_step_is_not_retried(tmp_path, tiny_model_dir, synthetic_da
     assert len(starts(pid_dir)) == 2, starts(pid_dir)  # no worker-group restart despite max_failures=2
 
 
-def test_sigterm_to_one_worker_saves_and_resumes(tmp_path, tiny_model_dir, synthetic_data_dir):
+def test_sigterm_to_one_worker_saves_and_resumes(tmp_path, tiny_model_dir, synthetic_data_dir, ray_cluster):
     """SIGTERM to rank 1's real worker process mid-run (no periodic checkpoint in reach: every_steps=100): both
     ranks finish the step, save it together, and the restarted run resumes right after it - no step repeated."""
     import signal
@@ -220,7 +221,7 @@ def test_sigterm_to_one_worker_saves_and_resumes(tmp_path, tiny_model_dir, synth
     t = threading.Thread(target=terminator, daemon=True)
     t.start()
     proc, _ = ray_train(tmp_path, tiny_model_dir, synthetic_data_dir, "term", "schedule.max_steps=40",
-                        "checkpoint.every_steps=100", env={"DOLLY_PID_DIR": str(pid_dir)}, timeout=500)
+                        "checkpoint.every_steps=100", env={**ray_cluster, "DOLLY_PID_DIR": str(pid_dir)}, timeout=500)
     t.join(timeout=5)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
@@ -236,7 +237,7 @@ def test_sigterm_to_one_worker_saves_and_resumes(tmp_path, tiny_model_dir, synth
     assert len(starts(pid_dir)) == 4, starts(pid_dir)  # one restart of the worker group
 
 
-def test_stale_extension_lock_fails_naming_the_lock(tmp_path, tiny_model_dir, synthetic_data_dir):
+def test_stale_extension_lock_fails_naming_the_lock(tmp_path, tiny_model_dir, synthetic_data_dir, ray_cluster):
     """The issue's hang: a killed op build left `deepspeed_shm_comm/lock` in the torch-extensions cache, and
     `deepspeed.initialize` waited on it forever. Now the run fails within watchdog.setup_s, naming the lock (or,
     where the op is prebuilt and nothing is built at run time, finishes)."""
@@ -246,7 +247,7 @@ def test_stale_extension_lock_fails_naming_the_lock(tmp_path, tiny_model_dir, sy
     lock.write_text("")
     pid_dir = tmp_path / "pids"
     proc, _ = ray_train(tmp_path, tiny_model_dir, synthetic_data_dir, "lock", "watchdog.setup_s=20",
-                        env={"TORCH_EXTENSIONS_DIR": str(ext), "DOLLY_PID_DIR": str(pid_dir)})
+                        env={**ray_cluster, "TORCH_EXTENSIONS_DIR": str(ext), "DOLLY_PID_DIR": str(pid_dir)})
     err = proc.stderr
     if proc.returncode == 0:  # DeepSpeed's op was prebuilt (no run-time build): nothing waits on the lock
         assert (tmp_path / "lock" / "export" / "model.safetensors").is_file()

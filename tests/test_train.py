@@ -1,6 +1,8 @@
 """The trainer for real: Ray Train TorchTrainer + DeepSpeed ZeRO on a local Ray cluster with CPU workers.
 
-Each run is a `dolly-train train` subprocess (its own local Ray cluster, as a user would run it)."""
+Each run is a `dolly-train train` subprocess, as a user would run it, joining the session's local Ray cluster
+(conftest.py's `ray_cluster`, through RAY_ADDRESS as on KubeRay) instead of starting one of its own; the demo
+test runs the in-process start."""
 
 from __future__ import annotations
 
@@ -55,13 +57,14 @@ def probe_logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def zero3_runs(tmp_path_factory, tiny_model_dir, synthetic_data_dir):
+def zero3_runs(tmp_path_factory, tiny_model_dir, synthetic_data_dir, ray_cluster):
     """ZeRO-3 on 2 workers: 12 steps straight; and 6 steps, then the same run name extended to 12."""
     tmp = tmp_path_factory.mktemp("runs")
     z3 = ["deepspeed.stage=3", "schedule.max_steps=12"]
-    train(tmp, tiny_model_dir, synthetic_data_dir, "straight", *z3)
-    train(tmp, tiny_model_dir, synthetic_data_dir, "resumed", "deepspeed.stage=3", "schedule.max_steps=6")
-    second = train(tmp, tiny_model_dir, synthetic_data_dir, "resumed", *z3)
+    train(tmp, tiny_model_dir, synthetic_data_dir, "straight", *z3, env=ray_cluster)
+    train(tmp, tiny_model_dir, synthetic_data_dir, "resumed", "deepspeed.stage=3", "schedule.max_steps=6",
+          env=ray_cluster)
+    second = train(tmp, tiny_model_dir, synthetic_data_dir, "resumed", *z3, env=ray_cluster)
     return tmp, second
 
 
@@ -101,7 +104,7 @@ def test_zero3_export_equals_offline_consolidation(zero3_runs, tmp_path, tiny_mo
         assert (run / "export" / f).is_file(), f
 
 
-def test_worker_killed_midrun_recovers(tmp_path, tiny_model_dir, synthetic_data_dir):
+def test_worker_killed_midrun_recovers(tmp_path, tiny_model_dir, synthetic_data_dir, ray_cluster):
     """SIGKILL rank 1's process after the step-6 checkpoint: Ray Train restarts the worker group from it
     and the run finishes, repeating at most one checkpoint interval."""
     pid_dir = tmp_path / "pids"
@@ -127,7 +130,7 @@ def test_worker_killed_midrun_recovers(tmp_path, tiny_model_dir, synthetic_data_
     t = threading.Thread(target=killer, daemon=True)
     t.start()
     train(tmp_path, tiny_model_dir, synthetic_data_dir, "killed", "schedule.max_steps=18",
-          env={"DOLLY_PID_DIR": str(pid_dir)})
+          env={**ray_cluster, "DOLLY_PID_DIR": str(pid_dir)})
     t.join(timeout=5)
     assert killed, "the worker was never killed (run finished too fast?)"
     steps = [m["step"] for m in metrics(run_dir)]
