@@ -41,7 +41,8 @@ def train(args) -> int:
 
     from trainer import config as C
     from trainer import ds_ops
-    from trainer.recipe import FullFinetuneRecipe, LocalContext
+    from trainer.contexts import LocalContext
+    from trainer.recipe import FullFinetuneRecipe
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -66,6 +67,13 @@ def train(args) -> int:
         raise SystemExit(f"{args.data}: only {len(rows)} validation rows, --probes {args.probes}")
     module = recipe.engine.module.model
     recipe.engine.eval()
+    # The probes are plain causal rows, not packed ones: flex_attention outside the training step (no document
+    # BlockMask, a length that is not a block multiple) failed on the H200 on 2026-12-02, so both sides of the
+    # comparison (this engine and `check`'s transformers load) use SDPA. The check is about the weights.
+    attn = cfg.model.attn_implementation
+    if attn == "flex_attention":
+        attn = "sdpa"
+        module.set_attn_implementation(attn)
     logits = []
     with torch.no_grad(), deepspeed.zero.GatheredParameters(list(module.parameters()),
                                                             enabled=cfg.deepspeed.stage == 3):
@@ -74,7 +82,7 @@ def train(args) -> int:
             logits.append(module(input_ids=x, use_cache=False).logits[0].float().cpu())
     rope = [str(m.inv_freq.dtype) for m in module.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
     torch.save({"rows": rows, "logits": logits, "rope_inv_freq_dtype": rope, "precision": cfg.model.precision,
-                "attn_implementation": cfg.model.attn_implementation, "device": recipe.device.type,
+                "attn_implementation": attn, "device": recipe.device.type,
                 "base_model": str(args.model), "steps": args.steps, "lr": args.lr}, work / "trained.pt")
     t0 = time.perf_counter()
     recipe.export(work / "export")
