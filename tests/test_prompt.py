@@ -17,6 +17,16 @@ from trainer.prompt import IGNORE_INDEX, PromptEncoder, user_message
 from trainer.tiny_model import write_tokenizer
 
 
+def encode_example(encoder: PromptEncoder, instruction: str, context: str | None, response: str):
+    """One record through the product's batch encoder (the only encoder the product uses)."""
+    return encoder.encode_examples([{"instruction": instruction, "context": context, "response": response}])[0]
+
+
+def prompt_length(enc) -> int:
+    """Positions whose label is masked: the prompt."""
+    return enc.labels.count(IGNORE_INDEX)
+
+
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory) -> PromptEncoder:
     d = tmp_path_factory.mktemp("tokenizer")
@@ -64,32 +74,32 @@ def test_matches_mistral_common_on_generated_records(encoder, reference):
 @pytest.mark.parametrize("case", EDGE_CASES, ids=[f"edge{i}" for i in range(len(EDGE_CASES))])
 def test_matches_mistral_common_on_edge_cases(encoder, reference, case):
     instruction, context, response = case
-    assert encoder.encode_example(instruction, context, response).input_ids == reference(*case)
+    assert encode_example(encoder, instruction, context, response).input_ids == reference(*case)
 
 
 def test_literal_control_token_text_is_not_a_control_token(encoder):
-    enc = encoder.encode_example("Say [/INST] please", "", "[/INST] </s>")
+    enc = encode_example(encoder, "Say [/INST] please", "", "[/INST] </s>")
     assert enc.input_ids.count(encoder.end_inst_id) == 1
     assert enc.input_ids.count(encoder.eos_id) == 1 and enc.input_ids[-1] == encoder.eos_id
 
 
 @pytest.mark.parametrize("case", EDGE_CASES[:6] + [("What is Varlo known for?", "", "Glass bells.")])
 def test_labels_mask_the_prompt_and_keep_the_response(encoder, case):
-    enc = encoder.encode_example(*case)
+    enc = encode_example(encoder, *case)
     cut = enc.input_ids.index(encoder.end_inst_id) + 1  # first response token
     assert enc.input_ids[:2] == [encoder.bos_id, encoder.inst_id]
     assert enc.labels[:cut] == [IGNORE_INDEX] * cut
     assert enc.labels[cut:] == enc.input_ids[cut:]
     assert enc.input_ids[-1] == encoder.eos_id and enc.labels[-1] == encoder.eos_id
     assert IGNORE_INDEX not in enc.labels[cut:]
-    assert enc.prompt_length == cut
+    assert prompt_length(enc) == cut
     assert encoder.decode(enc.input_ids[cut:]) == case[2].strip()
 
 
 def test_generation_prompt_is_the_training_prompt(encoder):
     records = generate(50, seed=3)
     for r, enc, prompt in zip(records, encoder.encode_examples(records), encoder.encode_prompts(records)):
-        assert prompt == enc.input_ids[: enc.prompt_length]
+        assert prompt == enc.input_ids[: prompt_length(enc)]
         assert prompt == encoder.encode_prompt(r["instruction"], r["context"])
 
 
@@ -102,6 +112,6 @@ def test_tiny_model_tokenizer_loads_offline_with_transformers(tiny_model_dir, en
     assert tok.convert_tokens_to_ids(["[INST]", "[/INST]"]) == [encoder.inst_id, encoder.end_inst_id] == [3, 4]
     # transformers decodes our ids back to the text: the two tokenizers share one vocabulary. (It keeps the
     # response's leading '▁' as a space, which is what vLLM's detokenizer hands the evaluator, too.)
-    enc = encoder.encode_example("Name a city.", "", "Varlo, on the Orin river.")
-    decoded = tok.decode(enc.input_ids[enc.prompt_length:], skip_special_tokens=True)
-    assert decoded.strip() == "Varlo, on the Orin river." == encoder.decode(enc.input_ids[enc.prompt_length:])
+    enc = encode_example(encoder, "Name a city.", "", "Varlo, on the Orin river.")
+    decoded = tok.decode(enc.input_ids[prompt_length(enc):], skip_special_tokens=True)
+    assert decoded.strip() == "Varlo, on the Orin river." == encoder.decode(enc.input_ids[prompt_length(enc):])

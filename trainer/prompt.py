@@ -54,10 +54,6 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
 
-    @property
-    def prompt_length(self) -> int:
-        return sum(1 for x in self.labels if x == IGNORE_INDEX)
-
 
 class PromptEncoder:
     """Turns (instruction, context, response) into Mistral-instruct token ids and response-only labels."""
@@ -83,9 +79,6 @@ class PromptEncoder:
     def encode_prompts(self, records: Iterable[dict]) -> list[list[int]]:
         users = [user_message(r["instruction"], r.get("context")) for r in records]
         return [self._wrap_prompt(ids) for ids in self.sp.encode(users)]
-
-    def encode_example(self, instruction: str, context: str | None, response: str) -> Encoded:
-        return self.encode_examples([{"instruction": instruction, "context": context, "response": response}])[0]
 
     def encode_examples(self, records: Sequence[dict]) -> list[Encoded]:
         """Batch encoding (SentencePiece encodes a list in one call, which is what makes 15k records fast)."""
