@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Bring the Python packages the GPU image lacks (vLLM 0.25.0 and what it needs beyond the image, DeepSpeed,
+# Bring the Python packages the GPU image lacks (vLLM 0.25.0 and what it needs beyond the image, Ray, DeepSpeed,
 # datasets, mistral-common, rouge-score, sentencex) to a machine that cannot reach a package index, through a
 # transfer limit of 64 MiB per call:
 #
-#   bench/gpu_wheels.sh pack DIR          # here, with pip access: DIR/a .. DIR/e, each one piece of one tar
+#   bench/gpu_wheels.sh pack DIR          # here, with pip access: DIR/a, DIR/b, ...: one piece of one tar each
 #   bench/gpu_wheels.sh stash PIECE_DIR   # there, once per transfer: copy the piece to $PARTS (default /root/parts)
 #   source bench/gpu_wheels.sh install    # there, after the last piece: join, check sha256, pip install --target
 #
@@ -17,9 +17,12 @@ PIECE=${PIECE:-63000000}   # bytes: one piece plus the checkout stays under 64 M
 
 pack() {
   local dir=$1 tmp; tmp=$(mktemp -d)
-  python3 "$(dirname "${BASH_SOURCE[0]}")/gpu_wheels_resolve.py" "$tmp/w" "${IMAGE_PACKAGES:?}" \
-    vllm==0.25.0 datasets==5.2.0 mistral-common==1.13.1 sentencex==1.0.32 tensorboardX hjson gguf importlib-metadata
-  DS_BUILD_OPS=0 python3 -m pip wheel -q --no-deps deepspeed==0.19.8 rouge-score==0.1.2 -w "$tmp/w"
+  local resolve; resolve="$(dirname "${BASH_SOURCE[0]}")/gpu_wheels_resolve.py"
+  mapfile -t wanted < <(python3 "$resolve" --pins vllm ray datasets mistral-common sentencex)
+  mapfile -t built < <(python3 "$resolve" --pins deepspeed rouge-score)
+  # tensorboardX: Ray Train's; hjson: DeepSpeed's (built below with --no-deps); gguf, importlib-metadata: vLLM's
+  python3 "$resolve" "$tmp/w" "${IMAGE_PACKAGES:?}" "${wanted[@]}" tensorboardX hjson gguf importlib-metadata
+  DS_BUILD_OPS=0 python3 -m pip wheel -q --no-deps "${built[@]}" -w "$tmp/w"
   tar -cf "$tmp/bundle.tar" -C "$tmp/w" .
   mkdir -p "$dir" && (cd "$tmp" && sha256sum bundle.tar | cut -d' ' -f1 > "$dir/bundle.sha256")
   split -b "$PIECE" -a 1 "$tmp/bundle.tar" "$tmp/piece."

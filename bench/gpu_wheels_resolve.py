@@ -1,6 +1,7 @@
 """Download, as cp312 manylinux wheels, REQUIREMENTs and what they need that the GPU image lacks.
 
     python bench/gpu_wheels_resolve.py OUT_DIR IMAGE_PACKAGES_FILE REQUIREMENT...
+    python bench/gpu_wheels_resolve.py --pins NAME...    # NAME's pin in pyproject.toml, one per line
 
 IMAGE_PACKAGES_FILE holds the image's package names separated by ", " (the device notes' list). Requirements
 are followed through each wheel's `Requires-Dist` (environment markers evaluated for CPython 3.12 on x86-64
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import email
 import subprocess
+import tomllib
 import sys
 import zipfile
 from pathlib import Path
@@ -32,6 +34,20 @@ LEFT_OUT = {canonicalize_name(n) for n in (
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64", "manylinux_2_24_x86_64", "manylinux_2_31_x86_64", "manylinux_2_34_x86_64",
              "manylinux_2_35_x86_64", "any"]
+
+
+def pins(names: list[str]) -> list[str]:
+    """The requirement pyproject.toml pins for each name (any dependency list; extras dropped)."""
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    found = {}
+    for spec in [*project["dependencies"], *(r for extra in project["optional-dependencies"].values() for r in extra)]:
+        req = Requirement(spec)
+        if req.specifier and "==" in str(req.specifier):
+            found[canonicalize_name(req.name)] = f"{req.name}{req.specifier}"
+    missing = [n for n in names if canonicalize_name(n) not in found]
+    if missing:
+        raise SystemExit(f"pyproject.toml pins none of: {', '.join(missing)}")
+    return [found[canonicalize_name(n)] for n in names]
 
 
 def requires(out: Path, name: str) -> list[str] | None:
@@ -70,6 +86,9 @@ def main(out_dir: str, image_packages: str, *wanted: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 4:
+    if sys.argv[1:2] == ["--pins"]:
+        print("\n".join(pins(sys.argv[2:])))
+    elif len(sys.argv) < 4:
         sys.exit(__doc__)
-    main(*sys.argv[1:])
+    else:
+        main(*sys.argv[1:])
