@@ -239,6 +239,32 @@ def test_every_op_a_preset_needs_is_prebuilt_in_a_builder_stage(name):
     assert code and ops_copy < min(code), f"{df.path}: the built ops must come before the code COPY (layer cache)"
 
 
+@pytest.mark.parametrize("name", TRAINING_IMAGES)
+def test_ds_ops_stage_copies_every_trainer_module_the_builder_imports(name):
+    """The ds-ops stage copies only the module that builds the ops (a code change elsewhere must not rebuild them),
+    so every `trainer` module it imports has to be copied with it; a missing one fails the image build at its
+    `import` (trainer.log, after the logging change)."""
+    import ast
+
+    def trainer_imports(path: Path) -> set[str]:
+        tree = ast.parse(path.read_text())
+        found = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        found |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        return {m for m in found if m.startswith("trainer.")}
+
+    needed, todo = set(), ["trainer.ds_ops"]
+    while todo:  # follow the imports of the imported modules too
+        mod = todo.pop()
+        if mod not in needed:
+            needed.add(mod)
+            todo += trainer_imports(REPO / (mod.replace(".", "/") + ".py"))
+    df = Dockerfile(REPO / "images" / name / "Dockerfile")
+    names = [stage for _, stage in df.stages()]
+    copied = {arg.split()[0] for op, arg in df.stage(names.index("ds-ops")) if op == "COPY"}
+    missing = {m for m in needed if m.replace(".", "/") + ".py" not in copied}
+    assert not missing, f"{df.path}: the ds-ops stage imports {sorted(missing)} but does not COPY them ({sorted(copied)})"
+
+
 @pytest.mark.parametrize("script", sorted((REPO / "images").glob("*.sh")), ids=lambda p: p.name)
 def test_image_build_scripts_pass_shellcheck(script):
     """The scripts the Dockerfiles run (images/*.sh; scripts/*.sh are checked by make lint and test_workflow)."""
