@@ -58,6 +58,12 @@ class EngineConfig:
         None, "Batch sizes vLLM captures CUDA graphs for at engine start (compilation_config; default: vLLM's, "
               "~50 sizes up to max_num_seqs). Fewer sizes = a shorter start; decode steps of other sizes are "
               "padded up to the next captured one.")
+    in_process: bool | None = _f(
+        None, "Run vLLM's engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) instead of in vLLM's own "
+              "engine and worker processes, each of which imports vLLM and torch again before the model loads. "
+              "Default (unset): on for the CPU backend (measured on 2 cores: engine start 24.7 -> 7.9 s, "
+              "identical outputs), vLLM's separate processes on GPUs (not measured there yet: "
+              "bench/eval_speed.py --in-process compares the two).")
     cache_root: str | None = _f(None, "vLLM's cache folder (VLLM_CACHE_ROOT): its torch.compile artifacts make the "
                                       "next engine start faster; put it on the shared volume. Default: "
                                       "$VLLM_CACHE_ROOT, else ~/.cache/vllm.")

@@ -60,8 +60,14 @@ def _device() -> str:
     return current_platform.device_type
 
 
+def in_process(engine: EngineConfig, device: str) -> bool:
+    """Whether vLLM's engine core runs in the calling process (`engine.in_process`; unset: on the CPU only)."""
+    return engine.in_process if engine.in_process is not None else device == "cpu"
+
+
 def engine_kwargs(model_dir: str, engine: EngineConfig, device: str) -> dict:
-    """Arguments for `vllm.LLM`; on the CPU backend also sets the KV-cache env var it reads."""
+    """Arguments for `vllm.LLM`; also sets the env vars vLLM reads at that point (the CPU backend's KV-cache size,
+    whether the engine core runs in this process)."""
     fraction = engine.gpu_memory_utilization
     if device == "cpu":
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.cpu_kvcache_space_gib))
@@ -71,6 +77,8 @@ def engine_kwargs(model_dir: str, engine: EngineConfig, device: str) -> dict:
         if importlib.util.find_spec("flashinfer") is None:
             os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
         fraction = fraction or GPU_DEFAULT_MEMORY_FRACTION
+    # Read by vLLM when the LLM is built, so set here for every engine this process starts.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process(engine, device) else "1"
     kw = {"model": str(model_dir), "skip_tokenizer_init": True, "tensor_parallel_size": engine.tensor_parallel_size,
           "dtype": engine.dtype, "gpu_memory_utilization": fraction, "enforce_eager": engine.enforce_eager,
           "seed": engine.seed}

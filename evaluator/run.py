@@ -22,6 +22,7 @@ import numpy as np
 
 from evaluator import __version__
 from evaluator.config import EvalInputError, RunConfig
+from evaluator.generate import in_process
 from evaluator.inputs import ModelInfo, TestSplit, check_model, fit_prompts, read_test_split
 from evaluator.protocols import check_protocol_records, protocol_record
 from evaluator.report import atomic_dir, check_out_dir, run_blocks, run_chart, write_json, write_jsonl, write_report
@@ -78,7 +79,8 @@ def build_metrics(cfg: RunConfig, model: ModelInfo, split: TestSplit, records: l
         "model": model.record(),
         "data": {**split.record(), "limit": cfg.limit, "prompts_truncated": truncated},
         "num_examples": len(records),
-        "engine": {**cfg.engine.__dict__, "vllm_version": gen_run.vllm_version, "device": gen_run.device,
+        "engine": {**cfg.engine.__dict__, "in_process": in_process(cfg.engine, gen_run.device),
+                   "vllm_version": gen_run.vllm_version, "device": gen_run.device,
                    "llm_kwargs": gen_run.engine_kwargs, "cache": gen_run.cache,
                    "data_parallel_engines": gen_run.data_parallel},
         "sampling": cfg.sampling.effective(),

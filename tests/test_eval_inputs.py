@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -352,6 +353,19 @@ def test_engine_speed_knobs_reach_vllm_llm_kwargs():
     assert kw["max_num_seqs"] == 512 and kw["compilation_config"] == {"cudagraph_capture_sizes": [1, 256, 512]}
     plain = engine_kwargs("m", parse(["--model", "m", "--data", "d", "--out", "o"]).engine, "cuda")
     assert "max_num_seqs" not in plain and "compilation_config" not in plain  # vLLM's defaults unless set
+
+
+def test_engine_core_runs_in_process_on_the_cpu_unless_told_otherwise(monkeypatch):
+    """VLLM_ENABLE_V1_MULTIPROCESSING is what vLLM reads when the LLM is built: the config decides it, per device
+    when unset (in-process on the CPU, vLLM's own processes on a GPU)."""
+    from evaluator.generate import engine_kwargs
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "unset by the test")  # restored afterwards
+    base = ["--model", "m", "--data", "d", "--out", "o"]
+    for flags, device, want in [([], "cpu", "0"), ([], "cuda", "1"), (["--in-process"], "cuda", "0"),
+                                (["--no-in-process"], "cpu", "1")]:
+        engine_kwargs("m", parse(base + flags).engine, device)
+        assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == want, (flags, device)
 
 
 def test_line_separator_characters_inside_a_record_do_not_split_it(tmp_path):
