@@ -35,7 +35,7 @@ $(TOOLS)/helm: scripts/tools.sh | $(STAMP)
 	scripts/tools.sh $(TOOLS)
 
 test: install tools ## run every test, the slow Ray/DeepSpeed/vLLM ones included
-	$(PY) -m pytest -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -ra --durations=25 $(PYTEST_ARGS)
 
 test-fast: install tools ## skip the tests that start Ray, DeepSpeed or vLLM
 	$(PY) -m pytest -ra -m "not slow" $(PYTEST_ARGS)
