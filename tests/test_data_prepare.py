@@ -244,7 +244,8 @@ def test_output_matches_the_contract(synthetic_data_dir, tiny_model_dir):
         assert ds["id"] == [r["id"] for r in records] and ds["category"] == [r["category"] for r in records]
         for r, row, enc in zip(records, ds, encoder.encode_examples(records)):
             assert row["input_ids"] == enc.input_ids and row["labels"] == enc.labels
-            assert row["labels"][: enc.prompt_length] == [IGNORE_INDEX] * enc.prompt_length
+            cut = enc.input_ids.index(encoder.end_inst_id) + 1  # the prompt ends with [/INST]
+            assert row["labels"][:cut] == [IGNORE_INDEX] * cut
     assert len(all_ids) == len(set(all_ids)) == 600
 
 
