@@ -82,19 +82,23 @@ def test_data_parallel_size_is_a_flag_and_config_key(tmp_path):
 
 @pytest.mark.slow
 def test_two_engines_give_the_outputs_of_one(tmp_path, tiny_model_dir, synthetic_data_dir, repo):
-    outs = {}
-    for n in (1, 2):
+    """Two engines, each with its engine core in its own process (the CPU default), against one engine laid out
+    as vLLM lays it out by default (engine core and worker in processes of their own, --no-in-process): the same
+    tokens for every prompt, so neither the split and merge nor the in-process engine core changes an output."""
+    outs, metrics = {}, {}
+    for n, layout in ((1, "--no-in-process"), (2, "--in-process")):
         out = tmp_path / f"dp{n}"
         p = subprocess.run([sys.executable, "-m", "evaluator.cli", "run", "--config",
                             str(repo / "evaluator/configs/cpu-tiny.yaml"), "--model", str(tiny_model_dir),
                             "--data", str(synthetic_data_dir), "--out", str(out), "--limit", "12",
-                            "--max-new-tokens", "12", "--data-parallel-size", str(n)],
+                            "--max-new-tokens", "12", "--data-parallel-size", str(n), layout],
                            capture_output=True, text=True, timeout=1200)
         assert p.returncode == 0, p.stderr[-3000:]
         outs[n] = [json.loads(line) for line in (out / "predictions.jsonl").read_text().split("\n") if line]
+        metrics[n] = json.loads((out / "metrics.json").read_text())
     assert [(r["id"], r["output_token_ids"]) for r in outs[2]] == [(r["id"], r["output_token_ids"]) for r in outs[1]]
-    m = json.loads((tmp_path / "dp2" / "metrics.json").read_text())
-    assert [e["prompts"] for e in m["engine"]["data_parallel_engines"]] == [6, 6]
+    assert metrics[1]["engine"]["in_process"] is False and metrics[2]["engine"]["in_process"] is True
+    assert [e["prompts"] for e in metrics[2]["engine"]["data_parallel_engines"]] == [6, 6]
 
 
 def test_engine_and_sampling_configs_pickle_for_the_engine_processes():
