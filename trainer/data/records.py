@@ -20,7 +20,9 @@ HUB_DATASET = "databricks/databricks-dolly-15k"
 # Dolly-15k's eight categories, most common first (the synthetic generator allocates in this order).
 CATEGORIES = ("open_qa", "general_qa", "classification", "closed_qa", "brainstorming", "information_extraction",
               "summarization", "creative_writing")
-# Every record of these categories has a context passage in Dolly-15k, and no record of the others.
+# The categories Dolly-15k's authors wrote around a reference passage: the synthetic generator gives these a
+# context and the others none. Real records need not follow it (a context is optional in every category, and
+# validation does not check it).
 CONTEXT_CATEGORIES = frozenset({"closed_qa", "information_extraction", "summarization"})
 FIELDS = ("instruction", "context", "response", "category")
 SOURCES = ("hub", "jsonl", "synthetic")
