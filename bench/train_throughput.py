@@ -78,6 +78,12 @@ VARIANTS = {
                              "deepspeed.param_persistence_threshold=10000000000"],
     "1gpu-sac4-k16": ["model.activation_checkpointing_layers=16", "batch.micro_batch_size=4",
                       "batch.gradient_accumulation_steps=4"],
+    # Compiled model (model.compile): torch.compile through engine.compile() (fused RMSNorm/SwiGLU/RoPE between the
+    # matmuls; ZeRO-3's hooks split the graph per module), or DeepSpeed's DeepCompile (the ZeRO-3 gathers compiled
+    # into one graph; builds DeepSpeed's `dc` op with nvcc first). Warm-up must cover the compile: --warmup 5.
+    "1gpu-compile": ["model.compile=torch"],
+    "1gpu-compile-sac-k26": ["model.compile=torch", "model.activation_checkpointing_layers=26"],
+    "1gpu-deepcompile": ["model.compile=deepcompile"],
 }
 DEFAULT_VARIANTS = "preset-1gpu,z3-packed-flex,z3-padded-sdpa,z2-packed-flex,z3-packed-sdpa"
 

@@ -47,11 +47,23 @@ def test_every_preset_opens_with_the_command_that_runs_it():
         ("checkpoint.run_name=a/b", "checkpoint.run_name"),
         ("optim.betas=[0.9]", "optim.betas"),
         ("model=3", "model: expected a mapping"),
+        ("model.compile=fast", "model.compile: 'fast' is not one of"),
+        ("model.compile=deepcompile", "deepcompile needs GPU workers"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(C.ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         C.load("cpu-tiny", [override])
+
+
+def test_deepcompile_is_asked_of_deepspeed_in_its_config():
+    """`model.compile=deepcompile` is DeepSpeed's own switch ("compile": {"deepcompile": true}, read by
+    engine.compile()); 'torch' and 'none' add nothing, so the shipped DeepSpeed files stay as they are."""
+    gpu = ["model.path=m", "data.path=d"]
+    assert C.deepspeed_config(C.load("mistral-7b-zero3-1gpu", [*gpu, "model.compile=deepcompile"]))["compile"] == {
+        "deepcompile": True}
+    for choice in ("none", "torch"):
+        assert "compile" not in C.deepspeed_config(C.load("mistral-7b-zero3-1gpu", [*gpu, f"model.compile={choice}"]))
 
 
 def test_overrides_and_yaml_types():

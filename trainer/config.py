@@ -55,6 +55,14 @@ class ModelConfig:
         "With activation_checkpointing: how many decoder layers (the first N) recompute their activations; the "
         "others keep them. null = every layer. Fewer trades GPU memory for speed (selective checkpointing).",
         minimum=0)
+    compile: str = _f(
+        "none",
+        "Compile the model: 'torch' runs torch.compile (inductor) through DeepSpeed's engine.compile(), fusing the "
+        "element-wise work between the matmuls (ZeRO-3's parameter hooks split the graph at every module); "
+        "'deepcompile' is DeepSpeed's DeepCompile, which compiles ZeRO-3's gathers into the graph (CUDA only; "
+        "DeepSpeed builds its `dc` op with nvcc on first use). The first steps pay the compile. Neither has been "
+        "measured on a GPU yet (docs/benchmarks.md).",
+        choices=("none", "torch", "deepcompile"))
 
 
 @dataclass
@@ -253,6 +261,9 @@ def _cross_checks(cfg: TrainConfig) -> None:
         raise ConfigError("model.precision: bf16 is for GPU workers; use fp32 with scaling.use_gpu false")
     if cfg.model.attn_implementation == "flex_attention" and not cfg.scaling.use_gpu:
         raise ConfigError("model.attn_implementation: flex_attention needs GPU workers; use sdpa on CPUs")
+    if cfg.model.compile == "deepcompile" and not cfg.scaling.use_gpu:
+        raise ConfigError("model.compile: deepcompile needs GPU workers (DeepSpeed's `dc` op is CUDA-only); "
+                          "use 'torch' or 'none' on CPUs")
     if len(cfg.optim.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in cfg.optim.betas):
         raise ConfigError(f"optim.betas: expected two numbers in [0, 1), got {cfg.optim.betas!r}")
     if not cfg.model.path:
@@ -348,6 +359,9 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    extra: dict[str, Any] = {}
+    if cfg.model.compile == "deepcompile":  # read by engine.compile(), which the recipe calls
+        extra["compile"] = {"deepcompile": True}
     return {
         "train_micro_batch_size_per_gpu": cfg.batch.micro_batch_size,
         "gradient_accumulation_steps": cfg.batch.gradient_accumulation_steps,
@@ -357,6 +371,7 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        **extra,
     }
 
 

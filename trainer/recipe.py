@@ -219,6 +219,10 @@ class FullFinetuneRecipe:
             config=self.ds_config,
             dist_init_required=False if torch.distributed.is_initialized() else None,
         )
+        if self.cfg.model.compile != "none":
+            # In place (nn.Module.compile): parameter names, checkpoints and the export are unchanged.
+            # With "compile": {"deepcompile": true} in the DeepSpeed config this selects DeepCompile.
+            self.engine.compile()
 
     def _seed_everything(self, seed: int) -> None:
         random.seed(seed)
