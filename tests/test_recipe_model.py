@@ -18,74 +18,17 @@ import torch
 
 import pytest
 
+# Every leg below trains the tiny model in ONE subprocess (ZeRO-3, one worker, gloo): the imports, the process
+# group and the compile are paid once for the file's slow checks. A leg: (name, checkpointing on, steps, overrides).
+LEGS = [
+    ("ac", True, 1, []),
+    ("noac", False, 1, []),
+    ("sel", True, 2, ["model.activation_checkpointing_layers=1"]),
+    ("compiled", True, 2, ["model.activation_checkpointing_layers=1", "model.compile=torch"]),
+    ("too_deep", True, 0, ["model.activation_checkpointing_layers=99"]),
+]
+
 SCRIPT = textwrap.dedent(
-    """
-    import os, sys, json
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[5], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    import deepspeed
-    from trainer import config as C
-    from trainer.contexts import LocalContext
-    from trainer.recipe import FullFinetuneRecipe
-
-    model_dir, data_dir, out, ac = sys.argv[1:5]
-    cfg = C.load("cpu-tiny", [f"model.path={model_dir}", f"data.path={data_dir}", f"checkpoint.storage_path={out}",
-                              "scaling.num_workers=1", "schedule.max_steps=2", "deepspeed.stage=3",
-                              f"model.activation_checkpointing={ac}", "batch.gradient_accumulation_steps=2",
-                              *sys.argv[6:]])
-    deepspeed.init_distributed(dist_backend="gloo")
-    recipe = FullFinetuneRecipe(cfg, LocalContext(cfg.run_dir()))
-    recipe.setup()
-    hf = recipe.engine.module.model
-    calls = []
-    hf.model.layers[0].register_forward_pre_hook(lambda m, a: calls.append(m.training))
-    per_layer = [0] * len(hf.model.layers)
-    for i, layer in enumerate(hf.model.layers):
-        layer.register_forward_pre_hook(lambda m, a, i=i: per_layer.__setitem__(i, per_layer[i] + 1))
-    plan = recipe._plan(0)
-    micro, labels, _ = recipe.step_batches(plan, 0)
-    recipe.train_step(micro, labels)
-    print("RESULT " + json.dumps({
-        "module_training": [m.training for m in recipe.engine.module.modules()].count(False) == 0,
-        "layer_calls": len(calls), "micro_batches": len(micro), "calls_per_layer": per_layer,
-    }))
-    """
-)
-
-
-def run(tmp_path, model_dir, data_dir, ac: bool, port: int, *overrides: str) -> dict:
-    import json
-
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(model_dir), str(data_dir), str(tmp_path),
-                           str(ac).lower(), str(port), *overrides], capture_output=True, text=True, timeout=600)
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and line, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(line[-1].removeprefix("RESULT "))
-
-
-@pytest.mark.slow
-def test_from_pretrained_model_trains_in_training_mode_with_checkpointing(tmp_path, tiny_model_dir,
-                                                                          synthetic_data_dir):
-    with_ac = run(tmp_path / "ac", tiny_model_dir, synthetic_data_dir, True, 29541)
-    without = run(tmp_path / "noac", tiny_model_dir, synthetic_data_dir, False, 29542)
-    assert with_ac["module_training"] and without["module_training"]
-    # one forward per micro-batch without checkpointing; a recompute per micro-batch with it
-    assert without["layer_calls"] == without["micro_batches"] == 2
-    assert with_ac["layer_calls"] == 2 * with_ac["micro_batches"] == 4
-
-
-@pytest.mark.slow
-def test_selective_checkpointing_recomputes_only_the_first_n_layers(tmp_path, tiny_model_dir, synthetic_data_dir):
-    """model.activation_checkpointing_layers=1: layer 0 runs twice per micro-batch (forward + recompute), every
-    later layer once; a count above the model's depth is refused with the key named."""
-    sel = run(tmp_path / "sel", tiny_model_dir, synthetic_data_dir, True, 29543, "model.activation_checkpointing_layers=1")
-    micro = sel["micro_batches"]
-    assert len(sel["calls_per_layer"]) >= 2
-    assert sel["calls_per_layer"] == [2 * micro] + [micro] * (len(sel["calls_per_layer"]) - 1)
-    with pytest.raises(AssertionError, match="activation_checkpointing_layers=99: the model has only"):
-        run(tmp_path / "bad", tiny_model_dir, synthetic_data_dir, True, 29544, "model.activation_checkpointing_layers=99")
-
-
-COMPILE_SCRIPT = textwrap.dedent(
     """
     import os, sys, json
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[4], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
@@ -96,49 +39,91 @@ COMPILE_SCRIPT = textwrap.dedent(
     from trainer.recipe import FullFinetuneRecipe
 
     model_dir, data_dir, out = sys.argv[1:4]
-    cfg = C.load("cpu-tiny", [f"model.path={model_dir}", f"data.path={data_dir}", f"checkpoint.storage_path={out}",
-                              "scaling.num_workers=1", "schedule.max_steps=3", "deepspeed.stage=3",
-                              "model.activation_checkpointing=true", "model.activation_checkpointing_layers=1",
-                              "batch.gradient_accumulation_steps=2", *sys.argv[5:]])
     deepspeed.init_distributed(dist_backend="gloo")
-    recipe = FullFinetuneRecipe(cfg, LocalContext(cfg.run_dir()))
-    recipe.setup()
-    plan = recipe._plan(0)
-    losses = []
-    for step in range(3):
-        micro, labels, _ = recipe.step_batches(plan, step)
-        losses.append(float(recipe.train_step(micro, labels)["loss_scaled_sum"]))
-    print("RESULT " + json.dumps({
-        "losses": losses, "compiled": recipe.engine.is_compiled,
-        "graphs": counters["stats"]["unique_graphs"], "keys": sorted(recipe.engine.module.state_dict()),
-    }))
+    result = {}
+    for name, ac, steps, overrides in json.loads(sys.argv[5]):
+        cfg = C.load("cpu-tiny", [f"model.path={model_dir}", f"data.path={data_dir}",
+                                  f"checkpoint.storage_path={out}/{name}", "scaling.num_workers=1",
+                                  "schedule.max_steps=2", "deepspeed.stage=3", f"model.activation_checkpointing={ac}",
+                                  "batch.gradient_accumulation_steps=2", *overrides])
+        recipe = FullFinetuneRecipe(cfg, LocalContext(cfg.run_dir()))
+        try:
+            recipe.setup()
+        except Exception as e:  # a leg that must be refused
+            result[name] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        hf = recipe.engine.module.model
+        calls = []
+        hooks = [hf.model.layers[0].register_forward_pre_hook(lambda m, a: calls.append(m.training))]
+        per_layer = [0] * len(hf.model.layers)
+        for i, layer in enumerate(hf.model.layers):
+            hooks.append(layer.register_forward_pre_hook(
+                lambda m, a, i=i: per_layer.__setitem__(i, per_layer[i] + 1)))
+        plan = recipe._plan(0)
+        losses, first = [], None
+        for step in range(steps):
+            micro, labels, _ = recipe.step_batches(plan, step)
+            losses.append(float(recipe.train_step(micro, labels)["loss_scaled_sum"]))
+            if first is None:
+                first = {"layer_calls": len(calls), "micro_batches": len(micro), "calls_per_layer": list(per_layer)}
+        for h in hooks:
+            h.remove()
+        result[name] = {
+            **first, "losses": losses,
+            "module_training": [m.training for m in recipe.engine.module.modules()].count(False) == 0,
+            "compiled": recipe.engine.is_compiled, "graphs": counters["stats"]["unique_graphs"],
+            "keys": sorted(recipe.engine.module.state_dict()),
+        }
+        del recipe
+    print("RESULT " + json.dumps(result))
     """
 )
 
 
-def run_steps(tmp_path, model_dir, data_dir, port: int, *overrides: str) -> dict:
+@pytest.fixture(scope="module")
+def legs(tmp_path_factory, tiny_model_dir, synthetic_data_dir) -> dict:
     import json
 
-    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, str(model_dir), str(data_dir), str(tmp_path),
-                           str(port), *overrides], capture_output=True, text=True, timeout=900)
+    out = tmp_path_factory.mktemp("recipe-legs")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_model_dir), str(synthetic_data_dir), str(out),
+                           "29541", json.dumps(LEGS)], capture_output=True, text=True, timeout=900)
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and line, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(line[-1].removeprefix("RESULT "))
 
 
 @pytest.mark.slow
-def test_compiled_model_trains_with_the_eager_losses(tmp_path, tiny_model_dir, synthetic_data_dir):
+def test_from_pretrained_model_trains_in_training_mode_with_checkpointing(legs):
+    with_ac, without = legs["ac"], legs["noac"]
+    assert with_ac["module_training"] and without["module_training"]
+    # one forward per micro-batch without checkpointing; a recompute per micro-batch with it
+    assert without["layer_calls"] == without["micro_batches"] == 2
+    assert with_ac["layer_calls"] == 2 * with_ac["micro_batches"] == 4
+
+
+@pytest.mark.slow
+def test_selective_checkpointing_recomputes_only_the_first_n_layers(legs):
+    """model.activation_checkpointing_layers=1: layer 0 runs twice per micro-batch (forward + recompute), every
+    later layer once; a count above the model's depth is refused with the key named."""
+    sel = legs["sel"]
+    micro = sel["micro_batches"]
+    assert len(sel["calls_per_layer"]) >= 2
+    assert sel["calls_per_layer"] == [2 * micro] + [micro] * (len(sel["calls_per_layer"]) - 1)
+    assert "activation_checkpointing_layers=99: the model has only" in legs["too_deep"]["error"]
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_with_the_eager_losses(legs):
     """model.compile=torch (a lever of issue 14, for the GPU): torch.compile through DeepSpeed's
-    engine.compile() under ZeRO-3 with selective checkpointing and gradient accumulation. The three steps'
-    losses (the second and third after optimizer steps) equal eager mode's within fp32 reordering, the model
-    is compiled for real (inductor graphs were built), and parameter names - what checkpoints and the export
+    engine.compile() under ZeRO-3 with selective checkpointing and gradient accumulation. Two steps' losses
+    (the second after an optimizer step) equal eager mode's within fp32 reordering, the model is compiled for
+    real (inductor graphs were built, none before), and parameter names - what checkpoints and the export
     write - are unchanged."""
-    eager = run_steps(tmp_path / "eager", tiny_model_dir, synthetic_data_dir, 29545)
-    compiled = run_steps(tmp_path / "compiled", tiny_model_dir, synthetic_data_dir, 29546, "model.compile=torch")
+    eager, compiled = legs["sel"], legs["compiled"]
     assert not eager["compiled"] and eager["graphs"] == 0
     assert compiled["compiled"] and compiled["graphs"] > 0
     assert compiled["losses"] == pytest.approx(eager["losses"], rel=1e-5)
-    assert eager["losses"][2] < eager["losses"][0]  # the steps trained: equal losses are not two frozen models
+    assert eager["losses"][1] < eager["losses"][0]  # the step trained: equal losses are not two frozen models
     assert compiled["keys"] == eager["keys"]
 
 
