@@ -359,10 +359,7 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    extra: dict[str, Any] = {}
-    if cfg.model.compile == "deepcompile":  # read by engine.compile(), which the recipe calls
-        extra["compile"] = {"deepcompile": True}
-    return {
+    out = {
         "train_micro_batch_size_per_gpu": cfg.batch.micro_batch_size,
         "gradient_accumulation_steps": cfg.batch.gradient_accumulation_steps,
         "gradient_clipping": cfg.optim.grad_clip,
@@ -371,8 +368,10 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
-        **extra,
     }
+    if cfg.model.compile == "deepcompile":  # read by engine.compile(), which the recipe calls
+        out["compile"] = {"deepcompile": True}
+    return out
 
 
 def render_deepspeed_json(cfg: TrainConfig) -> str:
