@@ -142,7 +142,10 @@ def cli_times(env: dict, work: Path, runs: int = 5) -> dict:
 
 
 def ray_start(env: dict) -> dict:
-    code = ("import time, ray; t=time.perf_counter(); ray.init(num_cpus=2, include_dashboard=False); "
+    # with the settings `dolly-train train` gives its own local cluster (none in checkouts from before them)
+    code = ("import time, ray\n"
+            "try:\n    from trainer.launch import LOCAL_RAY_SYSTEM_CONFIG as c\nexcept ImportError:\n    c = {}\n"
+            "t=time.perf_counter(); ray.init(num_cpus=2, include_dashboard=False, _system_config=c)\n"
             "s=time.perf_counter(); ray.shutdown(); print('RAY', s-t, time.perf_counter()-s)")
     _, lines, _ = timed([sys.executable, "-c", code], env)
     for _, line in lines:

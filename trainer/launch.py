@@ -13,8 +13,10 @@ worker group from the latest checkpoint after a worker dies.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -41,6 +43,17 @@ RAY_TRAIN_ENV = {
 RAY_TRAIN_LOCAL_ENV = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # one actor (a process) less on a 2-core machine
     "RAY_TRAIN_METRICS_ENABLED": "0",
+}
+# Ray settings of the in-process local cluster (docs/benchmarks.md, "fixed costs"):
+LOCAL_RAY_SYSTEM_CONFIG = {
+    # Ray starts one idle worker per CPU for the first driver, but every process of a Ray Train run has its own
+    # runtime env (env vars), so none of them is ever used: two interpreters importing Ray for nothing, while
+    # the run's own processes start.
+    "prestart_worker_first_driver": False,
+    # The v1 autoscaler monitor outlives ray.shutdown()'s SIGTERM by its full 1 s grace period (it tries to
+    # report its own termination to the GCS, stopped just before it); the v2 monitor exits at once. A local
+    # cluster does not autoscale either way.
+    "enable_autoscaler_v2": True,
 }
 
 
@@ -177,18 +190,25 @@ def run_training(cfg: TrainConfig) -> object:
     absolutize(cfg)
     preflight(cfg)  # before Ray is imported: a wrong path is refused at once
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     local = not (ray.is_initialized() or os.environ.get("RAY_ADDRESS"))
     for key, value in {**RAY_TRAIN_ENV, **(RAY_TRAIN_LOCAL_ENV if local else {})}.items():
         os.environ.setdefault(key, value)  # read by TorchTrainer, which passes them on to controller and workers
     if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init()
-        else:
+        # Ray Train imports torch, pandas and Ray Data (~1.5 s of CPU): done while ray.init waits for its
+        # processes to come up, which leaves the driver idle for seconds.
+        importer = threading.Thread(target=importlib.import_module, args=("ray.train.torch",),
+                                    name="dolly-import-ray-train", daemon=True)
+        importer.start()
+        if local:
             ray.init(num_cpus=max(os.cpu_count() or 1, cfg.scaling.num_workers * cfg.scaling.cpus_per_worker),
-                     include_dashboard=False, log_to_driver=True)
+                     include_dashboard=False, log_to_driver=True, _system_config=LOCAL_RAY_SYSTEM_CONFIG)
+        else:
+            ray.init()
+        importer.join()
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     check_cluster_resources(cfg)
     if not cfg.is_remote_storage:  # <run>/config.yaml + config_history.jsonl (checked by preflight)
         checkpointing.record_config(Path(cfg.run_dir()), cfg.to_dict(), check_resume_config(cfg))
