@@ -25,7 +25,8 @@ def _docs(path: Path) -> list[dict]:
 
 
 def argo_objects() -> list[tuple[Path, dict]]:
-    return [(p, d) for p in [ARGO / "project.yaml", ARGO / "root.yaml", *sorted((ARGO / "apps").glob("*.yaml"))]
+    return [(p, d) for p in [*sorted((ARGO / "projects").glob("*.yaml")), ARGO / "root.yaml",
+                             *sorted((ARGO / "apps").glob("*.yaml")), *sorted((ARGO / "platform").glob("*.yaml"))]
             for d in _docs(p)]
 
 
@@ -53,7 +54,8 @@ def kuberay_crds(shared_dir):
 
 def test_argo_objects_validate_against_argo_cd_crds(argo_crds):
     objs = [d for _, d in argo_objects()]
-    assert {d["kind"] for d in objs} == {"Application", "AppProject"}
+    assert {d["kind"] for d in objs} == {"Application", "AppProject", "Namespace"}
+    objs = [d for d in objs if d["kind"] != "Namespace"]  # platform/: a built-in kind, validated below
     # The Application health check's testdata are whole Applications too (with status).
     objs += [yaml.safe_load(p.read_text()) for p in (ARGO / "resource_customizations/argoproj.io/Application/testdata").glob("*.yaml")]
     assert validate_objects(objs, argo_crds) == []
@@ -68,8 +70,16 @@ def test_validation_catches_a_misspelled_field(argo_crds):
 
 def test_sync_waves_operator_then_volume_then_dolly_train():
     a = apps()
-    assert set(a) == {"dolly-train-root", "kuberay-crds", "kuberay-operator", "dolly-train-storage", "dolly-train"}
+    assert set(a) == {"dolly-train-root", "kuberay-crds", "kuberay-operator", "dolly-train-namespace",
+                      "dolly-train-storage", "dolly-train"}
     assert wave(a["kuberay-crds"]) < wave(a["kuberay-operator"]) < wave(a["dolly-train-storage"]) < wave(a["dolly-train"])
+    # The namespace exists before the volume and the chart (neither project of theirs may create it).
+    assert wave(a["dolly-train-namespace"]) < wave(a["dolly-train-storage"])
+    (ns,) = [d for _, d in argo_objects() if d["kind"] == "Namespace"]
+    assert ns["metadata"]["name"] == a["dolly-train"]["spec"]["destination"]["namespace"]
+    assert set(ns["metadata"]["annotations"]["argocd.argoproj.io/sync-options"].split(",")) == {"Prune=false", "Delete=false"}
+    assert "resources-finalizer.argocd.argoproj.io" not in (a["dolly-train-namespace"]["metadata"].get("finalizers") or [])
+    assert validate_objects([ns]) == []
     root = a["dolly-train-root"]["spec"]["source"]
     assert root["path"] == "manifests/argocd/apps" and (REPO / root["path"]).is_dir()
 
@@ -104,7 +114,8 @@ def test_kuberay_crds_are_never_pruned_or_deleted_by_argo_cd():
     assert "ServerSideApply=true" in crds["spec"]["syncPolicy"]["syncOptions"]
     # The operator's chart version and the CRDs' tag move together.
     assert a["kuberay-operator"]["spec"]["source"]["targetRevision"] == KUBERAY_VERSION
-    project = next(d for _, d in argo_objects() if d["kind"] == "AppProject")
+    project = next(d for _, d in argo_objects() if d["kind"] == "AppProject"
+                   and d["metadata"]["name"] == crds["spec"]["project"])
     assert src["repoURL"] in project["spec"]["sourceRepos"]
     # Every Application that can cascade a delete holds no CRD: only kuberay-crds renders CRDs.
     for name, app in a.items():
@@ -154,11 +165,10 @@ def test_dolly_train_application_sources_exist():
     for vf in chart["helm"]["valueFiles"]:
         path = REPO / vf.replace(f"${ref['ref']}/", "") if vf.startswith("$") else REPO / chart["path"] / vf
         assert path.is_file(), vf
-    project = next(d for _, d in argo_objects() if d["kind"] == "AppProject")
-    allowed = {d["namespace"] for d in project["spec"]["destinations"]}
-    for a in apps().values():
-        assert a["spec"]["project"] == project["metadata"]["name"]
-        assert a["spec"]["destination"]["namespace"] in allowed
+    projects = {d["metadata"]["name"]: d for _, d in argo_objects() if d["kind"] == "AppProject"}
+    for a in apps().values():  # tests/test_argocd_projects.py checks every rendered object against its project
+        project = projects[a["spec"]["project"]]
+        assert a["spec"]["destination"]["namespace"] in {d["namespace"] for d in project["spec"]["destinations"]}
         assert all(s["repoURL"] in project["spec"]["sourceRepos"] for s in sources(a))
 
 
@@ -193,7 +203,8 @@ def test_argocd_cm_is_generated_from_the_lua_files():
     # changes for the other applications on that Argo CD.
     assert set(cm["data"]) == set(health)
     assert {(o["kind"], o["metadata"]["name"]) for o in objs} == {
-        ("ConfigMap", "argocd-cm"), ("AppProject", "dolly-train"), ("Application", "dolly-train-root")}
+        ("ConfigMap", "argocd-cm"), ("AppProject", "dolly-train"), ("AppProject", "dolly-train-platform"),
+        ("AppProject", "dolly-train-root"), ("Application", "dolly-train-root")}
 
 
 def test_every_kustomization_builds_with_the_default_load_restrictor():
