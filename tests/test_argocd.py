@@ -138,7 +138,7 @@ def test_a_sync_does_not_rerun_a_finished_training_or_eval():
     job = next(d for d in _docs(path) if d["kind"] == "Job")
     ann = job["metadata"].get("annotations") or {}
     assert "argocd.argoproj.io/hook" not in ann and "helm.sh/hook" not in ann
-    assert int(ann["argocd.argoproj.io/sync-wave"]) > wave(rayjob)
+    assert int(ann["argocd.argoproj.io/sync-wave"]) == wave(rayjob)  # test_a_sync_ends_while_the_model_trains
     assert "ttlSecondsAfterFinished" not in job["spec"]
     assert job["spec"]["backoffLimit"] <= 1
 
@@ -220,16 +220,52 @@ def test_eval_job_runs_after_the_rayjob_on_the_shared_volume():
     assert evals["repoURL"] == REPO_URL and (REPO / evals["path"] / evals["directory"]["include"]).is_file()
     objs = _docs(REPO / evals["path"] / evals["directory"]["include"])
     job = next(o for o in objs if o["kind"] == "Job")
-    assert wave(job) > 0 == wave(next(o for o in objs if o["kind"] == "ConfigMap"))
+    assert wave(job) == 0 == wave(next(o for o in objs if o["kind"] == "ConfigMap"))
     claims = {v["persistentVolumeClaim"]["claimName"] for v in job["spec"]["template"]["spec"]["volumes"]
               if "persistentVolumeClaim" in v}
     pvc = _docs(ARGO / "storage" / "pvc.yaml")[0]
     assert claims == {pvc["metadata"]["name"]}
     # No namespace in the file: Argo CD puts it into the Application's destination, where the claim is.
     assert all("namespace" not in o["metadata"] for o in objs) and pvc["metadata"]["namespace"] == app["spec"]["destination"]["namespace"]
-    # Base and fine-tuned, then the comparison.
+    # Wait for the export, base and fine-tuned, then the comparison.
     spec = job["spec"]["template"]["spec"]
-    assert [c["command"][1] for c in spec["initContainers"] + spec["containers"]] == ["run", "run", "compare"]
+    assert [c["command"][1] for c in spec["initContainers"] + spec["containers"]] == ["wait-export", "run", "run", "compare"]
+
+
+def test_a_sync_ends_while_the_model_trains():
+    """Argo CD (gitops-engine's sync context) holds a multi-wave sync open until every object of a wave is Healthy
+    before the next wave; objects of the last wave only need to apply ("if it is the last phase/wave and the only
+    remaining tasks are non-hooks, then we are successful EVEN if those objects subsequently degraded"). So the
+    RayJob, Progressing while it trains, must be in the last wave of its Application, and of the root app, and the
+    eval Job is ordered after the training by its wait-export init container instead: created with the RayJob, it
+    waits on the volume for the export, at least as long as the RayJob may run."""
+    app = apps()["dolly-train"]
+    chart = next(s for s in sources(app) if s.get("path") == "charts/dolly-train")
+    objs = _render_dolly_train(chart, app)
+    evals = next(s for s in sources(app) if s.get("directory"))
+    objs += _docs(REPO / evals["path"] / evals["directory"]["include"])
+    synced = [o for o in objs if "helm.sh/hook" not in (o["metadata"].get("annotations") or {})]
+    (rayjob,) = [o for o in synced if o["kind"] == "RayJob"]
+    assert max(wave(o) for o in synced) == wave(rayjob), "an object in a wave after the RayJob holds every sync open"
+    root_children = apps()
+    root_children.pop("dolly-train-root")
+    assert max(wave(a) for a in root_children.values()) == wave(app)
+    job = next(o for o in synced if o["kind"] == "Job")
+    spec = job["spec"]["template"]["spec"]
+    first = spec["initContainers"][0]
+    cmd = first["command"]
+    assert cmd[:2] == ["dolly-eval", "wait-export"]
+    assert cmd[cmd.index("--model") + 1] == "$(MODEL_DIR)" and cmd[cmd.index("--run-dir") + 1] == "$(MOUNT)/runs/$(RUN_NAME)"
+    timeout = int(cmd[cmd.index("--timeout") + 1])
+    assert timeout >= rayjob["spec"]["activeDeadlineSeconds"]
+    assert job["spec"]["activeDeadlineSeconds"] >= timeout + 3600  # and time for the evaluation after it
+    # The wait itself needs no GPU; the pod holds its largest init container's GPU anyway (documented).
+    assert "nvidia.com/gpu" not in first["resources"]["limits"]
+    # The run the Job waits for is the one the chart trains and exports.
+    cm = next(o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "dolly-eval-params")
+    train = yaml.safe_load(next(o for o in objs if o["kind"] == "ConfigMap" and "train.yaml" in o.get("data", {}))["data"]["train.yaml"])
+    assert cm["data"]["MODEL_DIR"] == f"{train['checkpoint']['storage_path']}/{cm['data']['RUN_NAME']}/export"
+    assert cm["data"]["RUN_NAME"] == train["checkpoint"]["run_name"] and train["checkpoint"]["export"] is True
 
 
 def test_storage_pvc_survives_pruning_and_validates():

@@ -549,8 +549,9 @@ def test_eval_job_policy(path, helm):
     assert claim == pvc["metadata"]["name"]
     assert cm["data"]["RUN_NAME"] in cm["data"]["MODEL_DIR"]
     if "cpu" not in path.name:
-        # Base and fine-tuned on the same split and sampling (one config), then `dolly-eval compare`.
-        base, tuned = spec["initContainers"]
+        # Wait for the export, then base and fine-tuned on the same split and sampling (one config), then compare.
+        wait, base, tuned = spec["initContainers"]
+        assert wait["command"][:2] == ["dolly-eval", "wait-export"] and "nvidia.com/gpu" not in wait["resources"]["limits"]
         (compare,) = spec["containers"]
         for c, which, model in ((base, "base", "$(BASE_MODEL_DIR)"), (tuned, "tuned", "$(MODEL_DIR)")):
             assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -563,7 +564,7 @@ def test_eval_job_policy(path, helm):
         assert cm["data"]["RUN_NAME"] == train_yaml(chart_objs)["checkpoint"]["run_name"]
         assert cm["data"]["BASE_MODEL_DIR"] == train_yaml(chart_objs)["model"]["path"]
     else:
-        assert [c["command"][1] for c in containers(job["spec"]["template"])] == ["run", "run", "compare"]
+        assert [c["command"][1] for c in containers(job["spec"]["template"])] == ["wait-export", "run", "run", "compare"]
         smoke = train_yaml(render(helm, "values-cpu-smoke.yaml"))
         assert cm["data"]["RUN_NAME"] == smoke["checkpoint"]["run_name"]
         assert cm["data"]["BASE_MODEL_DIR"] == smoke["model"]["path"]
