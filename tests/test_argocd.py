@@ -285,9 +285,9 @@ def test_chart_under_argo_values_orders_staging_config_rayjob(kuberay_crds):
     assert "PersistentVolumeClaim" not in kinds
     staging = next(o for o in objs if o["kind"] == "Job")
     assert "pre-install" in staging["metadata"]["annotations"]["helm.sh/hook"]
-    # The gated model's token reaches the staging Job (the values file names the Secret).
-    env = {e["name"]: e for e in staging["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hf-token"
+    # The gated model's token reaches the staging Job (the values file names the Secret), as a mounted file.
+    vols = {v["name"]: v for v in staging["spec"]["template"]["spec"]["volumes"]}
+    assert vols["hf-token"]["secret"]["secretName"] == "hf-token"
     # Token auth and the NetworkPolicy stay on under GitOps.
     assert kinds["RayJob"]["spec"]["rayClusterSpec"]["authOptions"]["mode"] == "token"
     assert kinds["NetworkPolicy"]["spec"]["ingress"][1]["from"][0]["namespaceSelector"]["matchLabels"] == {
