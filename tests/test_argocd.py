@@ -204,7 +204,9 @@ def test_argocd_cm_is_generated_from_the_lua_files():
     assert set(cm["data"]) == set(health)
     assert {(o["kind"], o["metadata"]["name"]) for o in objs} == {
         ("ConfigMap", "argocd-cm"), ("AppProject", "dolly-train"), ("AppProject", "dolly-train-platform"),
-        ("AppProject", "dolly-train-root"), ("Application", "dolly-train-root")}
+        ("AppProject", "dolly-train-root"), ("Application", "dolly-train-root"),
+        ("ValidatingAdmissionPolicy", "dolly-train-root-children"),
+        ("ValidatingAdmissionPolicyBinding", "dolly-train-root-children")}
 
 
 def test_every_kustomization_builds_with_the_default_load_restrictor():
