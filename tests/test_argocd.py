@@ -25,7 +25,8 @@ def _docs(path: Path) -> list[dict]:
 
 
 def argo_objects() -> list[tuple[Path, dict]]:
-    return [(p, d) for p in [ARGO / "project.yaml", ARGO / "root.yaml", *sorted((ARGO / "apps").glob("*.yaml"))]
+    return [(p, d) for p in [*sorted((ARGO / "projects").glob("*.yaml")), ARGO / "root.yaml",
+                             *sorted((ARGO / "apps").glob("*.yaml")), *sorted((ARGO / "platform").glob("*.yaml"))]
             for d in _docs(p)]
 
 
@@ -53,7 +54,8 @@ def kuberay_crds(shared_dir):
 
 def test_argo_objects_validate_against_argo_cd_crds(argo_crds):
     objs = [d for _, d in argo_objects()]
-    assert {d["kind"] for d in objs} == {"Application", "AppProject"}
+    assert {d["kind"] for d in objs} == {"Application", "AppProject", "Namespace"}
+    objs = [d for d in objs if d["kind"] != "Namespace"]  # platform/: a built-in kind, validated below
     # The Application health check's testdata are whole Applications too (with status).
     objs += [yaml.safe_load(p.read_text()) for p in (ARGO / "resource_customizations/argoproj.io/Application/testdata").glob("*.yaml")]
     assert validate_objects(objs, argo_crds) == []
@@ -68,8 +70,16 @@ def test_validation_catches_a_misspelled_field(argo_crds):
 
 def test_sync_waves_operator_then_volume_then_dolly_train():
     a = apps()
-    assert set(a) == {"dolly-train-root", "kuberay-crds", "kuberay-operator", "dolly-train-storage", "dolly-train"}
+    assert set(a) == {"dolly-train-root", "kuberay-crds", "kuberay-operator", "dolly-train-namespace",
+                      "dolly-train-storage", "dolly-train"}
     assert wave(a["kuberay-crds"]) < wave(a["kuberay-operator"]) < wave(a["dolly-train-storage"]) < wave(a["dolly-train"])
+    # The namespace exists before the volume and the chart (neither project of theirs may create it).
+    assert wave(a["dolly-train-namespace"]) < wave(a["dolly-train-storage"])
+    (ns,) = [d for _, d in argo_objects() if d["kind"] == "Namespace"]
+    assert ns["metadata"]["name"] == a["dolly-train"]["spec"]["destination"]["namespace"]
+    assert set(ns["metadata"]["annotations"]["argocd.argoproj.io/sync-options"].split(",")) == {"Prune=false", "Delete=false"}
+    assert "resources-finalizer.argocd.argoproj.io" not in (a["dolly-train-namespace"]["metadata"].get("finalizers") or [])
+    assert validate_objects([ns]) == []
     root = a["dolly-train-root"]["spec"]["source"]
     assert root["path"] == "manifests/argocd/apps" and (REPO / root["path"]).is_dir()
 
@@ -104,7 +114,8 @@ def test_kuberay_crds_are_never_pruned_or_deleted_by_argo_cd():
     assert "ServerSideApply=true" in crds["spec"]["syncPolicy"]["syncOptions"]
     # The operator's chart version and the CRDs' tag move together.
     assert a["kuberay-operator"]["spec"]["source"]["targetRevision"] == KUBERAY_VERSION
-    project = next(d for _, d in argo_objects() if d["kind"] == "AppProject")
+    project = next(d for _, d in argo_objects() if d["kind"] == "AppProject"
+                   and d["metadata"]["name"] == crds["spec"]["project"])
     assert src["repoURL"] in project["spec"]["sourceRepos"]
     # Every Application that can cascade a delete holds no CRD: only kuberay-crds renders CRDs.
     for name, app in a.items():
@@ -127,7 +138,7 @@ def test_a_sync_does_not_rerun_a_finished_training_or_eval():
     job = next(d for d in _docs(path) if d["kind"] == "Job")
     ann = job["metadata"].get("annotations") or {}
     assert "argocd.argoproj.io/hook" not in ann and "helm.sh/hook" not in ann
-    assert int(ann["argocd.argoproj.io/sync-wave"]) > wave(rayjob)
+    assert int(ann["argocd.argoproj.io/sync-wave"]) == wave(rayjob)  # test_a_sync_ends_while_the_model_trains
     assert "ttlSecondsAfterFinished" not in job["spec"]
     assert job["spec"]["backoffLimit"] <= 1
 
@@ -154,11 +165,10 @@ def test_dolly_train_application_sources_exist():
     for vf in chart["helm"]["valueFiles"]:
         path = REPO / vf.replace(f"${ref['ref']}/", "") if vf.startswith("$") else REPO / chart["path"] / vf
         assert path.is_file(), vf
-    project = next(d for _, d in argo_objects() if d["kind"] == "AppProject")
-    allowed = {d["namespace"] for d in project["spec"]["destinations"]}
-    for a in apps().values():
-        assert a["spec"]["project"] == project["metadata"]["name"]
-        assert a["spec"]["destination"]["namespace"] in allowed
+    projects = {d["metadata"]["name"]: d for _, d in argo_objects() if d["kind"] == "AppProject"}
+    for a in apps().values():  # tests/test_argocd_projects.py checks every rendered object against its project
+        project = projects[a["spec"]["project"]]
+        assert a["spec"]["destination"]["namespace"] in {d["namespace"] for d in project["spec"]["destinations"]}
         assert all(s["repoURL"] in project["spec"]["sourceRepos"] for s in sources(a))
 
 
@@ -193,7 +203,10 @@ def test_argocd_cm_is_generated_from_the_lua_files():
     # changes for the other applications on that Argo CD.
     assert set(cm["data"]) == set(health)
     assert {(o["kind"], o["metadata"]["name"]) for o in objs} == {
-        ("ConfigMap", "argocd-cm"), ("AppProject", "dolly-train"), ("Application", "dolly-train-root")}
+        ("ConfigMap", "argocd-cm"), ("AppProject", "dolly-train"), ("AppProject", "dolly-train-platform"),
+        ("AppProject", "dolly-train-root"), ("Application", "dolly-train-root"),
+        ("ValidatingAdmissionPolicy", "dolly-train-root-children"),
+        ("ValidatingAdmissionPolicyBinding", "dolly-train-root-children")}
 
 
 def test_every_kustomization_builds_with_the_default_load_restrictor():
@@ -209,16 +222,52 @@ def test_eval_job_runs_after_the_rayjob_on_the_shared_volume():
     assert evals["repoURL"] == REPO_URL and (REPO / evals["path"] / evals["directory"]["include"]).is_file()
     objs = _docs(REPO / evals["path"] / evals["directory"]["include"])
     job = next(o for o in objs if o["kind"] == "Job")
-    assert wave(job) > 0 == wave(next(o for o in objs if o["kind"] == "ConfigMap"))
+    assert wave(job) == 0 == wave(next(o for o in objs if o["kind"] == "ConfigMap"))
     claims = {v["persistentVolumeClaim"]["claimName"] for v in job["spec"]["template"]["spec"]["volumes"]
               if "persistentVolumeClaim" in v}
     pvc = _docs(ARGO / "storage" / "pvc.yaml")[0]
     assert claims == {pvc["metadata"]["name"]}
     # No namespace in the file: Argo CD puts it into the Application's destination, where the claim is.
     assert all("namespace" not in o["metadata"] for o in objs) and pvc["metadata"]["namespace"] == app["spec"]["destination"]["namespace"]
-    # Base and fine-tuned, then the comparison.
+    # Wait for the export, base and fine-tuned, then the comparison.
     spec = job["spec"]["template"]["spec"]
-    assert [c["command"][1] for c in spec["initContainers"] + spec["containers"]] == ["run", "run", "compare"]
+    assert [c["command"][1] for c in spec["initContainers"] + spec["containers"]] == ["wait-export", "run", "run", "compare"]
+
+
+def test_a_sync_ends_while_the_model_trains():
+    """Argo CD (gitops-engine's sync context) holds a multi-wave sync open until every object of a wave is Healthy
+    before the next wave; objects of the last wave only need to apply ("if it is the last phase/wave and the only
+    remaining tasks are non-hooks, then we are successful EVEN if those objects subsequently degraded"). So the
+    RayJob, Progressing while it trains, must be in the last wave of its Application, and of the root app, and the
+    eval Job is ordered after the training by its wait-export init container instead: created with the RayJob, it
+    waits on the volume for the export, at least as long as the RayJob may run."""
+    app = apps()["dolly-train"]
+    chart = next(s for s in sources(app) if s.get("path") == "charts/dolly-train")
+    objs = _render_dolly_train(chart, app)
+    evals = next(s for s in sources(app) if s.get("directory"))
+    objs += _docs(REPO / evals["path"] / evals["directory"]["include"])
+    synced = [o for o in objs if "helm.sh/hook" not in (o["metadata"].get("annotations") or {})]
+    (rayjob,) = [o for o in synced if o["kind"] == "RayJob"]
+    assert max(wave(o) for o in synced) == wave(rayjob), "an object in a wave after the RayJob holds every sync open"
+    root_children = apps()
+    root_children.pop("dolly-train-root")
+    assert max(wave(a) for a in root_children.values()) == wave(app)
+    job = next(o for o in synced if o["kind"] == "Job")
+    spec = job["spec"]["template"]["spec"]
+    first = spec["initContainers"][0]
+    cmd = first["command"]
+    assert cmd[:2] == ["dolly-eval", "wait-export"]
+    assert cmd[cmd.index("--model") + 1] == "$(MODEL_DIR)" and cmd[cmd.index("--run-dir") + 1] == "$(MOUNT)/runs/$(RUN_NAME)"
+    timeout = int(cmd[cmd.index("--timeout") + 1])
+    assert timeout >= rayjob["spec"]["activeDeadlineSeconds"]
+    assert job["spec"]["activeDeadlineSeconds"] >= timeout + 3600  # and time for the evaluation after it
+    # The wait itself needs no GPU; the pod holds its largest init container's GPU anyway (documented).
+    assert "nvidia.com/gpu" not in first["resources"]["limits"]
+    # The run the Job waits for is the one the chart trains and exports.
+    cm = next(o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "dolly-eval-params")
+    train = yaml.safe_load(next(o for o in objs if o["kind"] == "ConfigMap" and "train.yaml" in o.get("data", {}))["data"]["train.yaml"])
+    assert cm["data"]["MODEL_DIR"] == f"{train['checkpoint']['storage_path']}/{cm['data']['RUN_NAME']}/export"
+    assert cm["data"]["RUN_NAME"] == train["checkpoint"]["run_name"] and train["checkpoint"]["export"] is True
 
 
 def test_storage_pvc_survives_pruning_and_validates():
@@ -238,9 +287,9 @@ def test_chart_under_argo_values_orders_staging_config_rayjob(kuberay_crds):
     assert "PersistentVolumeClaim" not in kinds
     staging = next(o for o in objs if o["kind"] == "Job")
     assert "pre-install" in staging["metadata"]["annotations"]["helm.sh/hook"]
-    # The gated model's token reaches the staging Job (the values file names the Secret).
-    env = {e["name"]: e for e in staging["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hf-token"
+    # The gated model's token reaches the staging Job (the values file names the Secret), as a mounted file.
+    vols = {v["name"]: v for v in staging["spec"]["template"]["spec"]["volumes"]}
+    assert vols["hf-token"]["secret"]["secretName"] == "hf-token"
     # Token auth and the NetworkPolicy stay on under GitOps.
     assert kinds["RayJob"]["spec"]["rayClusterSpec"]["authOptions"]["mode"] == "token"
     assert kinds["NetworkPolicy"]["spec"]["ingress"][1]["from"][0]["namespaceSelector"]["matchLabels"] == {

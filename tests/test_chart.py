@@ -392,15 +392,18 @@ def test_volume_at_one_path_and_memory_backed_shm(rendered, case_id):
 
 
 def test_no_secret_values_in_rendered_output(helm):
-    """Credentials only by reference: no Secret objects, the token via secretKeyRef, object-store keys via envFrom."""
+    """Credentials only by reference: no Secret objects, the HF token a mounted Secret file (never an env var),
+    object-store keys via envFrom."""
     args = ["--set", "staging.hfTokenSecret.name=hf-token", "--set", "storage.objectStore.credentialsSecret=s3-creds",
             "--set", "train.checkpoint.storage_path=s3://bucket/runs"]
     out = helm_template(helm, "values.yaml", args).stdout
     objs = [o for o in yaml.safe_load_all(out) if o]
     assert not by_kind(objs, "Secret")
     envs = [e for o in objs for _, t in kv.pod_templates(o) for c in containers(t) for e in c.get("env", [])]
-    (token,) = [e for e in envs if e["name"] == "HF_TOKEN"]
-    assert token == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token"}}}
+    assert not [e for e in envs if "secretKeyRef" in e.get("valueFrom", {})]
+    (job,) = by_kind(objs, "Job")
+    vols = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    assert vols["hf-token"]["secret"]["secretName"] == "hf-token"
     for e in envs:
         if re.search(r"(^|_)(TOKEN|SECRET|PASSWORD|ACCESS_KEY|SECRET_KEY|CREDENTIALS)$", e["name"]):
             assert "value" not in e, e
@@ -549,8 +552,9 @@ def test_eval_job_policy(path, helm):
     assert claim == pvc["metadata"]["name"]
     assert cm["data"]["RUN_NAME"] in cm["data"]["MODEL_DIR"]
     if "cpu" not in path.name:
-        # Base and fine-tuned on the same split and sampling (one config), then `dolly-eval compare`.
-        base, tuned = spec["initContainers"]
+        # Wait for the export, then base and fine-tuned on the same split and sampling (one config), then compare.
+        wait, base, tuned = spec["initContainers"]
+        assert wait["command"][:2] == ["dolly-eval", "wait-export"] and "nvidia.com/gpu" not in wait["resources"]["limits"]
         (compare,) = spec["containers"]
         for c, which, model in ((base, "base", "$(BASE_MODEL_DIR)"), (tuned, "tuned", "$(MODEL_DIR)")):
             assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -563,7 +567,7 @@ def test_eval_job_policy(path, helm):
         assert cm["data"]["RUN_NAME"] == train_yaml(chart_objs)["checkpoint"]["run_name"]
         assert cm["data"]["BASE_MODEL_DIR"] == train_yaml(chart_objs)["model"]["path"]
     else:
-        assert [c["command"][1] for c in containers(job["spec"]["template"])] == ["run", "run", "compare"]
+        assert [c["command"][1] for c in containers(job["spec"]["template"])] == ["wait-export", "run", "run", "compare"]
         smoke = train_yaml(render(helm, "values-cpu-smoke.yaml"))
         assert cm["data"]["RUN_NAME"] == smoke["checkpoint"]["run_name"]
         assert cm["data"]["BASE_MODEL_DIR"] == smoke["model"]["path"]
@@ -631,16 +635,30 @@ def test_ray_token_auth_and_network_policy_guard_the_head(rendered, case_id):
         assert peers == []
 
 
+def _token_mount(job: dict) -> tuple[dict, dict, dict]:
+    spec = job["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in spec["containers"][0]["env"]}
+    vols = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["name"]: m for m in spec["containers"][0]["volumeMounts"]}
+    return env, vols, mounts
+
+
 def test_hf_token_only_where_the_hub_is_used(rendered, helm):
     (job,) = by_kind(rendered["values.yaml"], "Job")
-    env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
-    (smoke,) = by_kind(rendered["values-cpu-smoke.yaml"], "Job")  # tiny model + synthetic data: no Secret needed
-    assert "HF_TOKEN" not in {e["name"] for e in smoke["spec"]["template"]["spec"]["containers"][0]["env"]}
+    env, vols, mounts = _token_mount(job)
+    assert vols["hf-token"]["secret"]["secretName"] == "hf-token"
+    assert vols["hf-token"]["secret"]["items"] == [{"key": "token", "path": "token"}]
+    assert env["HF_TOKEN_PATH"]["value"] == mounts["hf-token"]["mountPath"] + "/token" and mounts["hf-token"]["readOnly"]
+    assert "HF_TOKEN" not in env
+    for case in ("values-cpu-smoke.yaml",):  # tiny model + synthetic data: no Secret needed
+        (smoke,) = by_kind(rendered[case], "Job")
+        env, vols, _ = _token_mount(smoke)
+        assert "hf-token" not in vols and "HF_TOKEN_PATH" not in env
     public = render(helm, "values.yaml", ["--set", "staging.hfTokenSecret.name=", "--set", "staging.model.gated=false",
                                           "--set", "staging.model.repoId=TinyLlama/TinyLlama-1.1B-Chat-v1.0"])
     (job,) = by_kind(public, "Job")
-    assert "HF_TOKEN" not in {e["name"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    env, vols, _ = _token_mount(job)
+    assert "hf-token" not in vols and "HF_TOKEN_PATH" not in env
 
 
 # ---- watching a run: progress RBAC, TensorBoard, Prometheus ---------------------------------------------------

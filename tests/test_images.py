@@ -707,8 +707,8 @@ def test_cpu_image_runs_the_chart_and_eval_job_commands_on_a_mounted_volume(engi
     out = run("staging", stage_c["command"] + stage_c["args"], _container_env(stage_c, {}))
     assert "staging: done" in out
 
-    # The CPU eval Job, container by container in its order (init containers first). Its first container (the
-    # base model) needs only the staging outputs, so it runs before training: it still runs if training fails.
+    # The CPU eval Job, container by container (init containers first). Its base-model step needs only the staging
+    # outputs, so it runs before training (it still runs if training fails); the others, wait-export first, after.
     docs = [d for d in yaml.safe_load_all((REPO / "manifests/eval-job-cpu.yaml").read_text()) if d]
     cms = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
     (job,) = [d for d in docs if d["kind"] == "Job"]
@@ -720,7 +720,8 @@ def test_cpu_image_runs_the_chart_and_eval_job_commands_on_a_mounted_volume(engi
         env = _container_env(c, cms)
         run(f"eval: {c['name']}", [_k8s_expand(a, env) for a in c["command"] + c.get("args", [])], env)
 
-    run_eval(eval_cs[0])
+    (base_c,) = [c for c in eval_cs if c["name"] == "eval-base"]
+    run_eval(base_c)
     train = yaml.safe_load(cm["data"]["train.yaml"])
     on_volume = lambda path: vol / path.removeprefix(volume_at + "/")  # noqa: E731
     run_dir = on_volume(train["checkpoint"]["storage_path"]) / train["checkpoint"]["run_name"]
@@ -741,8 +742,10 @@ def test_cpu_image_runs_the_chart_and_eval_job_commands_on_a_mounted_volume(engi
     # (trainer/ds_ops.py keeps the CPU path off the shm comm op's JIT build).
     run("train (RayJob entrypoint)", shlex.split(rayjob["spec"]["entrypoint"]), ray_env, timeout=1500)
 
-    for c in eval_cs[1:]:
-        run_eval(c)
+    assert eval_cs[0]["command"][:2] == ["dolly-eval", "wait-export"]
+    for c in eval_cs:
+        if c is not base_c:
+            run_eval(c)
 
     assert_on_volume([run_dir / "export" / "config.json", run_dir / "metrics.jsonl", run_dir / "eval" / "tuned",
                       run_dir / "eval" / "compare" / "compare.md"])

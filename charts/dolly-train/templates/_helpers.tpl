@@ -39,6 +39,11 @@ app.kubernetes.io/part-of: dolly-train
 {{- if or (eq .Values.staging.model.source "hub") (eq .Values.staging.data.source "hub") }}true{{ end }}
 {{- end }}
 
+{{/* "true" when the staging Job mounts the Hugging Face token Secret (it downloads from the Hub and a Secret is named). */}}
+{{- define "dolly-train.hfTokenMounted" -}}
+{{- if and (include "dolly-train.stagingUsesHub" .) .Values.staging.hfTokenSecret.name }}true{{ end }}
+{{- end }}
+
 {{/* Labels that identify this release's objects (stable across upgrades). */}}
 {{- define "dolly-train.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "dolly-train.name" . }}
@@ -60,7 +65,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- $o := .override | default dict }}
 {{- $repo := $o.repository | default $img.repository }}
 {{- $tag := $o.tag | default $img.tag | default .root.Chart.AppVersion }}
-{{- printf "%s:%s" $repo (toString $tag) }}
+{{- /* A digest pins the image: the tag stays for readers, the kubelet pulls by the digest. */}}
+{{- $digest := $o.digest | default $img.digest }}
+{{- printf "%s:%s" $repo (toString $tag) }}{{ with $digest }}@{{ . }}{{ end }}
 {{- end }}
 
 {{/* The mount path without a trailing slash. */}}
