@@ -41,7 +41,7 @@ pack() {
       local piece="$dir/$p-${f##*.}"; mkdir -p "$piece" && mv "$f" "$piece/"; first=${first:-$piece}
     done
     (cd "$tmp" && sha256sum "$p.tar" | cut -d' ' -f1) > "$first/$p.sha256"
-    ls "$dir/$p"-?/piece.* | wc -l > "$first/$p.pieces"
+    find "$dir" -path "$dir/$p-?/piece.$p.*" | wc -l > "$first/$p.pieces"
   done
   rm -rf "$tmp"
   du -sh "$dir"/*-? | sed 's/^/  /'

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.tags import compatible_tags, cpython_tags
 from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import Version
@@ -79,6 +80,14 @@ NOT_BROUGHT = {canonicalize_name(n): why for why, names in {
     "media/other models' inputs, not imported for text generation": (
         "pynvvideocodec", "torchcodec", "z3-solver", "anthropic", "cuda-python"),
 }.items() for n in names}
+# Requirements a wheel declares that the bundle knowingly does not meet, each with what ran instead.
+WAIVED = {
+    ("vllm", "apache-tvm-ffi"): "vLLM 0.25.0 pins apache-tvm-ffi 0.1.9, which xgrammar 0.2.9 refuses (>=0.1.11); "
+                                "0.1.15.post2 with xgrammar 0.2.9 ran on the H200 (2026-12-01), the newest breaks "
+                                "xgrammar's import (pyproject.toml, gpu-bundle)",
+    ("mistral-common", "numpy"): "the image's numpy 2.5.2 (above mistral-common's <2.4 for Python <= 3.12): "
+                                 "prepare and vLLM's tokenizer import ran with it on the H200 (2026-12-01, -02)",
+}
 
 
 def pyproject_pins() -> dict[str, str]:
@@ -187,7 +196,7 @@ def check(bundle: Path, image: dict[str, Version | None], top: list[str]) -> lis
         return None
 
     used = closure([Requirement(t) for t in top], have, image, missing)
-    left_out = set()
+    left_out, waived = set(), set()
     for name, extras in used.items():
         w = have[name]
         for dep in w.requires:
@@ -197,12 +206,14 @@ def check(bundle: Path, image: dict[str, Version | None], top: list[str]) -> lis
             dn = canonicalize_name(d.name)
             if dn in NOT_BROUGHT:
                 left_out.add(f"{dn} ({NOT_BROUGHT[dn]})")
-            elif dn in have:
-                if d.specifier and not d.specifier.contains(have[dn].version, prereleases=True):
-                    problems.append(f"{w.path.name}: needs {d}, the bundle has {dn} {have[dn].version}")
-            elif dn in image:
-                if image[dn] is not None and d.specifier and not d.specifier.contains(image[dn], prereleases=True):
-                    problems.append(f"{w.path.name}: needs {d}, the GPU image has {dn} {image[dn]}")
+            elif dn in have or dn in image:
+                got, where = (have[dn].version, "the bundle") if dn in have else (image[dn], "the GPU image")
+                if got is None or not d.specifier or d.specifier.contains(got, prereleases=True):
+                    continue
+                if (name, dn) in WAIVED:
+                    waived.add(f"{w.path.name} needs {d}, {where} has {got}: {WAIVED[name, dn]}")
+                else:
+                    problems.append(f"{w.path.name}: needs {d}, {where} has {dn} {got}")
             # neither: closure() reported it already
     for t in top:
         t = Requirement(t)
@@ -215,6 +226,8 @@ def check(bundle: Path, image: dict[str, Version | None], top: list[str]) -> lis
           f"{bundle.name}: {len(problems)} problem(s)", file=sys.stderr)
     if left_out:
         print(f"  left out on purpose: {', '.join(sorted(left_out))}", file=sys.stderr)
+    for line in sorted(waived):
+        print(f"  waived: {line}", file=sys.stderr)
     if unused:
         print(f"  in the bundle but needed by nothing asked for: {', '.join(unused)}", file=sys.stderr)
     return problems
@@ -248,13 +261,14 @@ def _build(cache: Path, spec: str) -> None:
 def fetch(cache: Path, bundles: Path, image: dict, purposes: list[str]) -> list[str]:
     cache.mkdir(parents=True, exist_ok=True)
     found = pyproject_pins()
+    narrowed: dict[str, SpecifierSet] = {}  # unpinned packages a later requirement wanted older/newer
     problems = []
     for purpose in purposes:
         top = top_requirements(purpose)
 
         def get(req: Requirement, why: str):
             name = canonicalize_name(req.name)
-            spec = found.get(name) or str(Requirement(f"{req.name}{req.specifier}"))
+            spec = found.get(name) or f"{req.name}{req.specifier & narrowed.get(name, SpecifierSet())}"
             print(f"{purpose}: {spec} (for {why})", file=sys.stderr)
             (_build if name in BUILT else _download)(cache, spec)
             got = wheels_in(cache).get(name)
@@ -262,8 +276,20 @@ def fetch(cache: Path, bundles: Path, image: dict, purposes: list[str]) -> list[
                 raise SystemExit(f"pip gave no wheel for {spec}")
             return got
 
-        used = closure([Requirement(t) for t in top], wheels_in(cache), image, get)
-        cached = wheels_in(cache)
+        # No backtracking resolver here: the newest release a first requirement allows can break a later one
+        # (opentelemetry-api 1.45.3 for vLLM, ==1.45.2 for opentelemetry-sdk). Such a package is fetched again
+        # within every specifier seen, a few rounds at most; pyproject.toml's pins are never moved.
+        for _ in range(5):
+            used = closure([Requirement(t) for t in top], wheels_in(cache), image, get)
+            cached = wheels_in(cache)
+            redo = _unpinned_conflicts(used, cached, found)
+            if not redo:
+                break
+            for name, spec in redo.items():
+                narrowed[name] = narrowed.get(name, SpecifierSet()) & spec
+                print(f"{purpose}: {name} {cached[name].version} is outside {narrowed[name]}: fetched again",
+                      file=sys.stderr)
+                cached[name].path.unlink()
         out = bundles / purpose
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
@@ -271,6 +297,19 @@ def fetch(cache: Path, bundles: Path, image: dict, purposes: list[str]) -> list[
             shutil.copy2(cached[name].path, out / cached[name].path.name)
         problems += [f"{purpose}: {p}" for p in check(out, image, top)]
     return problems
+
+
+def _unpinned_conflicts(used: dict[str, set[str]], have: dict[str, Wheel], pinned: dict) -> dict[str, SpecifierSet]:
+    """Packages not pinned by pyproject.toml whose fetched version a requirement in `used` refuses."""
+    out: dict[str, SpecifierSet] = {}
+    for name, extras in used.items():
+        for dep in have[name].requires:
+            d = Requirement(dep)
+            dn = canonicalize_name(d.name)
+            if (applies(d, extras) and dn in have and dn not in pinned and (name, dn) not in WAIVED
+                    and d.specifier and not d.specifier.contains(have[dn].version, prereleases=True)):
+                out[dn] = out.get(dn, SpecifierSet()) & d.specifier
+    return out
 
 
 def main(argv: list[str]) -> int:
