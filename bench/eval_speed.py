@@ -140,6 +140,20 @@ def run_cli(argv: list[str], out: Path) -> dict:
             "throughput": m["generation"]["throughput"], "cache": m["engine"]["cache"]}
 
 
+def device_memory() -> dict | None:
+    """Free and total memory of GPU 0 as the driver reports them (None without a GPU, or where this process never
+    touched it: vLLM's engine in its own processes; a CUDA context made here would take memory from the next)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            free, total = torch.cuda.mem_get_info(0)
+            return {"free_gib": free / 2**30, "total_gib": total / 2**30}
+    except Exception:  # noqa: BLE001  (a description only)
+        pass
+    return None
+
+
 def device_name() -> str:
     try:
         import torch
@@ -247,9 +261,13 @@ def bench(args, extra: list[str], tmp: Path) -> dict:
         "generated_tokens": {"raw": passes_done[0]["raw"]["generated_tokens"],
                              "evaluator": passes_done[0]["evaluator"]["throughput"]["generated_tokens"]},
     })
+    record["device_memory_after_shutdown"] = device_memory()  # what the next engine (the CLI leg) finds
     if not args.no_cli:
         print("timing the whole `dolly-eval run` command ...", file=sys.stderr)
-        record["cli"] = run_cli(cli_argv, work / "eval-cli")
+        try:
+            record["cli"] = run_cli(cli_argv, work / "eval-cli")
+        except SystemExit as e:  # the record keeps what was measured; main() exits non-zero
+            record["cli"] = {"error": str(e)[-4000:]}
     record["bench_wall_seconds"] = time.perf_counter() - t_all
     return record
 
@@ -283,7 +301,12 @@ def summary(r: dict) -> str:
                 f"{k.removesuffix('_seconds')} {v:.2f}" for k, v in ev["timings"].items() if k.endswith("_seconds")),
         ]
     lines.append(f"ratio, mean of {len(r['orders'])} order(s): {r['generation_ratio']:.3f}")
-    if "cli" in r:
+    m = r.get("device_memory_after_shutdown")
+    if m:
+        lines.append(f"GPU memory free after the engine's shutdown: {m['free_gib']:.1f} of {m['total_gib']:.1f} GiB")
+    if "cli" in r and "error" in r["cli"]:
+        lines.append(f"whole `dolly-eval run` FAILED: {r['cli']['error'][-1500:]}")
+    elif "cli" in r:
         c = r["cli"]
         lines.append(f"whole `dolly-eval run`: {c['wall_seconds']:.1f} s wall (compile cache "
                      f"{c['cache']['torch_compile_cache']}); phases: " + ", ".join(
@@ -303,7 +326,7 @@ def main(argv=None) -> int:
         part.write_text(json.dumps(record, indent=2) + "\n")
         os.replace(part, out)
         print(f"wrote {out}", file=sys.stderr)
-    return 0
+    return 1 if "error" in record.get("cli", {}) else 0
 
 
 if __name__ == "__main__":  # vLLM starts its engine in a child process that re-imports this module
