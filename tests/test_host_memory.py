@@ -138,14 +138,19 @@ COUNT = textwrap.dedent(
             for v in obj:
                 yield from tensors(v, depth + 1, seen)
 
+    from trainer import ds_ops
+
     model_dir, data_dir, out = sys.argv[1:4]
-    deepspeed.init_distributed(dist_backend="gloo")
     result = {}
     for stage in (2, 3):
         cfg = C.load("cpu-tiny", [f"model.path={model_dir}", f"data.path={data_dir}",
                                   f"checkpoint.storage_path={out}/{stage}", "scaling.num_workers=1",
                                   "schedule.max_steps=1", f"deepspeed.stage={stage}",
-                                  "deepspeed.offload_optimizer=true", "batch.gradient_accumulation_steps=2"])
+                                  "deepspeed.offload_optimizer=true", "batch.gradient_accumulation_steps=2",
+                                  "checkpoint.run_name=host-memory"])
+        if stage == 2:
+            ds_ops.prepare(cfg)  # as the recipe does, but before the process group: no shm op build
+            deepspeed.init_distributed(dist_backend="gloo")
         recipe = FullFinetuneRecipe(cfg, LocalContext(cfg.run_dir()))
         recipe.setup()
         plan = recipe._plan(0)
