@@ -74,6 +74,7 @@ VARIANTS = {
     # "1gpu-*": the shipped single-GPU preset plus one lever (issue 14). Selective activation checkpointing:
     # only the first N of 32 layers recompute, the others keep their activations in the memory the preset leaves
     "1gpu-sac-k26": ["model.activation_checkpointing_layers=26"],
+    "1gpu-persist": ["deepspeed.param_persistence_threshold=10000000000"],  # the preset + persistence alone
     "1gpu-persist-sac-k26": ["model.activation_checkpointing_layers=26",
                              "deepspeed.param_persistence_threshold=10000000000"],
     "1gpu-sac4-k16": ["model.activation_checkpointing_layers=16", "batch.micro_batch_size=4",

@@ -92,12 +92,49 @@ def engine_kwargs(model_dir: str, engine: EngineConfig, device: str) -> dict:
 
 
 def shutdown(llm) -> None:
-    """Stop the engine process now: left to garbage collection, an EngineCore can outlive the script
-    (seen with vLLM 0.32 on the CPU: the parent hung at exit with the engine still polling)."""
-    # getattr: the engine-client attribute is internal; an older vLLM without it falls back to GC.
-    engine_core = getattr(llm.llm_engine, "engine_core", None)
+    """Stop the engine now and give its memory back, so that a second engine - in this process or in a child -
+    finds the device free. `llm` is an empty shell afterwards.
+
+    Left to garbage collection, an EngineCore can outlive the script (vLLM 0.32 on the CPU: the parent hung at
+    exit with the engine still polling). With the engine core in this process (`engine.in_process`), stopping it
+    is not enough: on the GPU a later engine found 7.37 of 79 GiB free. What held the memory (found on the CPU
+    with weak references, tests/test_eval_bench.py): a traceback that vLLM's lazy imports keep in a module global
+    (a failed optional import) pins the frames that were on the stack at the first `vllm.LLM`, and with them the
+    caller's `llm`; the LLM pins the LLMEngine, and vLLM 0.25's LLMEngine finalizer holds the model (and through
+    its attention layers the KV cache) until the LLMEngine dies; PyTorch's caching allocator keeps freed blocks."""
+    # getattr: these attributes are internal; an older vLLM without them falls back to GC.
+    llm_engine = getattr(llm, "llm_engine", None)
+    engine_core = getattr(llm_engine, "engine_core", None)
     if engine_core is not None:
-        engine_core.shutdown()
+        engine_core.shutdown()  # executor, worker, model runner; unfreezes the GC heap; process groups destroyed
+    finalizer = getattr(llm_engine, "_finalizer", None)
+    if finalizer is not None:
+        finalizer()  # removes the compiled model's bytecode hooks now and drops its reference to the model
+    del llm_engine, engine_core, finalizer
+    llm.__dict__.clear()  # whoever still holds `llm` holds nothing heavy
+    _free_memory()
+
+
+def _free_memory() -> None:
+    """Collect what the engine left (reference cycles; vLLM froze its start-up objects out of the GC) and hand
+    cached device memory back to the driver."""
+    import gc
+
+    gc.unfreeze()
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        try:  # captured CUDA graphs keep their private memory pool until they are dropped
+            from vllm.compilation.cuda_graph import CUDAGraphWrapper
+
+            CUDAGraphWrapper.clear_all_graphs()
+        except (ImportError, AttributeError):
+            pass
+        torch._dynamo.reset()  # compiled-code cache entries of the model's forward
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.ipc_collect()
 
 
 def sampling_params(sampling: SamplingConfig, eos_id: int, seed: int | None):

@@ -1,4 +1,5 @@
-"""Before the model is built: how much GPU memory a config needs, and how much disk a checkpoint takes.
+"""Before the model is built: how much GPU memory a config needs, how much host memory an offload config needs,
+and how much disk a checkpoint takes.
 
 An estimate, not a promise: it counts the large terms (weights, gradients, fp32 master weights and Adam
 moments per ZeRO stage and offload, activations per micro-batch with or without activation checkpointing,
@@ -9,6 +10,8 @@ estimate clearly exceeds the GPU.
 
 from __future__ import annotations
 
+import math
+import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,9 +40,14 @@ class MemoryEstimate:
     lm_head_gib: float
     total_gib: float
     device_gib: float | None = None
+    host: "HostMemoryEstimate | None" = None  # with optimizer or parameter offload only
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        host = d.pop("host")
+        if host:  # flat keys: the metrics log holds scalars
+            d.update({f"host_{k}": v for k, v in host.items() if k != "limit_source"})
+        return d
 
     def line(self) -> str:
         dev = f" of {self.device_gib:.0f} GiB on the device" if self.device_gib else ""
@@ -103,6 +111,133 @@ def checkpoint_bytes(n_params: int, save_optimizer_state: bool, precision: str, 
     return n_params * (12 + (half if stage == 2 else 0))
 
 
+# ---- host memory (optimizer / parameter offload) ------------------------------------------------------------
+
+# Resident host memory of one training process before any offloaded state: CUDA context, torch, transformers,
+# DeepSpeed and the Ray worker (an allowance, not measured per term).
+RANK_BASELINE_BYTES = 4 * GIB
+# DeepSpeed's default `sub_group_size` (ZeRO-3 splits each rank's flat partitions into groups of this many elements).
+ZERO3_SUB_GROUP = 1_000_000_000
+HOST_KNOBS = ("Knobs: deepspeed.offload_optimizer=false (optimizer states back on the GPUs, with deepspeed.stage=3 "
+              "and more workers to shard them), deepspeed.offload_params=false, more nodes for the same workers "
+              "(each node holds only its own ranks' partitions), or a larger pod memory limit "
+              "(worker.resources.limits.memory in the chart). DOLLY_HOST_MEMORY_GIB states the host memory where "
+              "it cannot be read (a VM whose MemTotal grows as it is used).")
+
+
+def pinned(nbytes: float) -> int:
+    """Bytes PyTorch's caching host allocator takes for a pinned tensor: the next power of two (ATen's
+    CachingHostAllocator.h rounds every pinned block so; DeepSpeed pins every offloaded buffer)."""
+    n = int(nbytes)
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
+@dataclass
+class HostMemoryEstimate:
+    master_gib: float      # fp32 master weights (pinned)
+    gradients_gib: float   # fp32 gradient partitions, plus ZeRO-1/2's per-parameter accumulation buffers (pinned)
+    moments_gib: float     # Adam's two fp32 moments (pageable)
+    params_gib: float      # training-dtype parameters: ZeRO-3 offload_params, or ZeRO-1/2's pinned update buffer
+    baseline_gib: float    # RANK_BASELINE_BYTES per process on the node
+    ranks_on_node: int
+    total_gib: float
+    limit_gib: float | None = None
+    limit_source: str = ""
+
+    def line(self) -> str:
+        lim = f" of {self.limit_gib:.0f} GiB ({self.limit_source})" if self.limit_gib else ""
+        return (f"host memory estimate {self.total_gib:.1f} GiB{lim} for the {self.ranks_on_node} rank(s) on this "
+                f"node: fp32 master weights {self.master_gib:.1f}, fp32 gradients {self.gradients_gib:.1f}, Adam "
+                f"moments {self.moments_gib:.1f}, parameters/buffers {self.params_gib:.1f}, processes "
+                f"{self.baseline_gib:.1f}")
+
+
+def _chunks(n: float, size: int) -> list[float]:
+    full, rest = divmod(int(n), size)
+    return [size] * full + ([rest] if rest else [])
+
+
+def estimate_host_memory(cfg, param_shapes: list[tuple], world_size: int, ranks_on_node: int,
+                         pin: bool = True) -> HostMemoryEstimate:
+    """Host bytes the ranks on one node hold with DeepSpeed's optimizer/parameter offload (DeepSpeed 0.19.8,
+    runtime/zero/stage_1_and_2.py and stage3.py); the offloaded terms are zero without offload.
+
+    Each rank holds 1/world_size of every offloaded state. ZeRO-1/2 with offload_optimizer, per parameter group
+    (the recipe has two: weights with decay, norms without): a pinned fp32 partition of the master weights, a
+    pinned fp32 gradient partition, a pinned update buffer in the training dtype, Adam's moments (8 bytes), and
+    with gradient accumulation a pinned buffer per parameter in the training dtype. ZeRO-3: the fp32 master
+    weights in sub-groups of `sub_group_size` elements, one flat pinned fp32 gradient buffer, the moments, and with
+    offload_params the parameters in the training dtype. Pinned blocks round up to powers of two (`pin`). Model loading
+    comes before these and is freed before them (the weights go to the GPU), so it is not added."""
+    ds = cfg.deepspeed
+    W = max(world_size, 1)
+    half = 2 if cfg.model.precision == "bf16" else 4
+    pinned_ = pinned if pin else float  # pin=False: the tensors' own bytes (a CPU run pins nothing)
+    numels = [math.prod(s) for s in param_shapes]
+    ndims = [len(s) for s in param_shapes]
+    n = sum(numels)
+    master = grads = moments = params = 0
+    if ds.offload_optimizer:
+        moments = 8 * n / W
+        if ds.stage == 3:
+            master = sum(pinned_(4 * c) for c in _chunks(n / W, ZERO3_SUB_GROUP))
+            grads = pinned_(4 * n / W)
+        else:
+            groups = [sum(k for k, d in zip(numels, ndims) if d >= 2) / W,  # the recipe's groups
+                      sum(k for k, d in zip(numels, ndims) if d < 2) / W]
+            master = sum(pinned_(4 * g) for g in groups)
+            grads = sum(pinned_(4 * g) for g in groups)
+            params = sum(pinned_(half * g) for g in groups)
+            if cfg.batch.gradient_accumulation_steps > 1:
+                grads += sum(pinned_(half * k) for k in numels) / W
+    if ds.stage == 3 and ds.offload_params:
+        params += sum(pinned_(half * c) for c in _chunks(n / W, ZERO3_SUB_GROUP))
+    per_rank = master + grads + moments + params
+    base = RANK_BASELINE_BYTES * ranks_on_node
+    total = per_rank * ranks_on_node + base
+    return HostMemoryEstimate(*(x * ranks_on_node / GIB for x in (master, grads, moments, params)),
+                              base / GIB, ranks_on_node, total / GIB)
+
+
+def host_memory_limit() -> tuple[float | None, str]:
+    """Bytes this pod/process may use on the host and where that came from: DOLLY_HOST_MEMORY_GIB, else the
+    cgroup's limit (v2 memory.max, v1 memory.limit_in_bytes; under DOLLY_CGROUP_ROOT, default /sys/fs/cgroup),
+    else MemAvailable (DOLLY_MEMINFO, default /proc/meminfo)."""
+    if os.environ.get("DOLLY_HOST_MEMORY_GIB"):
+        return float(os.environ["DOLLY_HOST_MEMORY_GIB"]) * GIB, "DOLLY_HOST_MEMORY_GIB"
+    root = os.environ.get("DOLLY_CGROUP_ROOT", "/sys/fs/cgroup")
+    for rel in ("memory.max", "memory/memory.limit_in_bytes"):
+        try:
+            raw = open(os.path.join(root, rel)).read().strip()
+        except OSError:
+            continue
+        # v2 writes "max" when unlimited, v1 a number near 2**63
+        if raw != "max" and int(raw) < 2**60:
+            return float(raw), f"cgroup {os.path.join(root, rel)}"
+    try:
+        for line in open(os.environ.get("DOLLY_MEMINFO", "/proc/meminfo")):
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024, "MemAvailable"
+    except OSError:
+        pass
+    return None, "unknown"
+
+
+def check_host_memory(cfg, param_shapes: list[tuple], world_size: int) -> HostMemoryEstimate | None:
+    """With optimizer or parameter offload: refuses, before the model is loaded, a config whose offloaded state
+    clearly exceeds the host memory of its node (the pod's limit where one is set), naming the knobs. The ranks on
+    a node: LOCAL_WORLD_SIZE (Ray Train and torchrun set it), else every rank."""
+    if not (cfg.deepspeed.offload_optimizer or (cfg.deepspeed.stage == 3 and cfg.deepspeed.offload_params)):
+        return None
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or world_size or 1)
+    est = estimate_host_memory(cfg, param_shapes, world_size, local)
+    limit, source = host_memory_limit()
+    est.limit_gib, est.limit_source = (limit / GIB if limit else None), source
+    if limit and est.total_gib > REFUSE_RATIO * est.limit_gib:
+        raise ResourcePreflightError(f"{est.line()}: clearly more than the host holds. {HOST_KNOBS}")
+    return est
+
+
 def check_gpu_memory(cfg, world_size: int, device, is_main: bool) -> tuple[MemoryEstimate, int]:
     """Before the model is built: the GPU memory this config needs, from the model's config alone (a meta-device
     model counts the parameters). Refuses what clearly cannot fit, naming the knobs. Returns the estimate and
@@ -112,8 +247,12 @@ def check_gpu_memory(cfg, world_size: int, device, is_main: bool) -> tuple[Memor
 
     config = AutoConfig.from_pretrained(cfg.model.path)
     with torch.device("meta"):
-        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+        shapes = [tuple(p.shape) for p in AutoModelForCausalLM.from_config(config).parameters()]
+    n_params = sum(math.prod(s) for s in shapes)
     est = estimate_gpu_memory(cfg, config, n_params, world_size)
+    est.host = check_host_memory(cfg, shapes, world_size)  # refuses an offload config the host cannot hold
+    if is_main and est.host is not None:
+        log.info(est.host.line())
     if device.type == "cuda":
         est.device_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
     if is_main and device.type == "cuda":
