@@ -218,8 +218,12 @@ def test_pod_deletion_saves_the_step_then_the_replacement_pod_resumes(tmp_path, 
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert group["replicas"] == 2 and grace == 300
 
+    from ray._private.services import get_node_ip_address
+
+    # Every node on the address Ray picks by itself (as each pod does with its pod IP): a worker node must reach
+    # the head at the address the head registered.
     head_port = free_port()
-    head_address = f"127.0.0.1:{head_port}"
+    head_address = f"{get_node_ip_address()}:{head_port}"
     ray_bin = Path(sys.executable).parent / "ray"
     base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     base.update(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONPATH=str(REPO),
@@ -245,7 +249,7 @@ def test_pod_deletion_saves_the_step_then_the_replacement_pod_resumes(tmp_path, 
     logs.mkdir()
     head_log = (logs / "head.log").open("w")
     head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", "--port", str(head_port),
-                             "--node-ip-address", "127.0.0.1", "--num-cpus", "0", "--num-gpus", "0",
+                             "--num-cpus", "0", "--num-gpus", "0",
                              "--include-dashboard", "false", "--dashboard-agent-listen-port", str(free_port()),
                              "--disable-usage-stats"], env=base, stdout=head_log, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -271,6 +275,8 @@ def test_pod_deletion_saves_the_step_then_the_replacement_pod_resumes(tmp_path, 
 
         def driver_alive():
             assert driver.poll() is None, driver_log.read_text()[-5000:]
+            for pod in pods:
+                assert pod.proc.poll() is None, f"{pod.name} exited: {pod.log.read_text()[-3000:]}"
 
         def registered(pod: Pod) -> list[str]:
             res = pod.exec(["/bin/bash", "-c", 'ls "$DOLLY_SIGTERM_PID_DIR" 2>/dev/null'], pod_env, 30)

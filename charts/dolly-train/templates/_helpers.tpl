@@ -203,6 +203,21 @@ Returns YAML: {groups: [{groupName, replicas, gpusPerPod, ...}, ...]}.
 {{- if and .Values.staging.enabled (eq $m.source "hub") $m.gated (not .Values.staging.hfTokenSecret.name) }}
 {{- fail (printf "staging.hfTokenSecret.name: %s is a gated model (staging.model.gated: true), so the staging Job needs a Hugging Face token. Accept the model's licence on huggingface.co, create the Secret in the release namespace:\n  kubectl create secret generic hf-token --from-literal=token=hf_...\nand set staging.hfTokenSecret.name=hf-token (or staging.model.gated=false for a public model)" $m.repoId) }}
 {{- end }}
+{{- if .Values.kueue.queueName }}
+{{- if ne .Values.mode "rayjob" }}
+{{- fail (printf "kueue.queueName: set for mode %s, but the chart queues only a RayJob with Kueue (mode: rayjob); leave kueue.queueName empty" .Values.mode) }}
+{{- end }}
+{{- if not .Values.rayJob.shutdownAfterJobFinishes }}
+{{- fail "kueue.queueName: Kueue's RayJob webhook rejects a RayJob whose cluster outlives the job ('a kueue managed job should delete the cluster after finishing'); set rayJob.shutdownAfterJobFinishes=true and leave rayJob.deletionStrategy empty" }}
+{{- end }}
+{{- range $groups }}
+{{- if eq .groupName "head" }}
+{{- fail "kueue.queueName: Kueue reserves the pod set name 'head' for the head group; rename the worker group (worker.groupName or the additionalWorkerGroups key)" }}
+{{- end }}
+{{- end }}
+{{- else if .Values.kueue.priorityClassName }}
+{{- fail (printf "kueue.priorityClassName: %q has no effect without kueue.queueName (Kueue manages only RayJobs with a queue); set kueue.queueName or use priorityClassName for the pods" .Values.kueue.priorityClassName) }}
+{{- end }}
 {{- if .Values.preemption.preStop }}
 {{- range $groups }}
 {{- if lt (sub (int .terminationGracePeriodSeconds) (int $.Values.preemption.reserveSeconds)) 10 }}
