@@ -142,16 +142,29 @@ def shm_size(group: dict) -> str:
 class Pod:
     """One worker "pod": KubeRay's command as PID 1 of new PID + mount namespaces."""
 
+    STARTED = "This command will now block forever"  # `ray start --block` once its node is registered
+
     def __init__(self, name: str, command: list[str], env: dict, shm: str, log_dir: Path):
         self.name, self.log = name, log_dir / f"{name}.log"
         # The tmpfs is mounted by a shell that then execs the container command: PID 1 is KubeRay's bash (and,
         # bash execing the last command of a -c string, then `ray start` itself).
         setup = f"mount -t tmpfs -o size={shm} tmpfs /dev/shm && exec \"$@\""
-        with self.log.open("w") as fh:
-            self.proc = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "--", "/bin/bash", "-c",
-                                          setup, "pod", *command], env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-        self.pid1 = self._child()
+        # Ray waits a fixed 30 s for a new raylet to register with the GCS (ray/_private/node.py); on two
+        # shared cores it can take longer and `ray start` exits 1. A pod's container restarts then (KubeRay's
+        # pods: restartPolicy Always), so this does the same, at most three times.
+        for attempt in range(3):
+            with self.log.open("a") as fh:
+                self.proc = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "--", "/bin/bash", "-c",
+                                              setup, "pod", *command], env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                             start_new_session=True)
+            self.pid1 = self._child()
+            deadline = time.time() + 180
+            while time.time() < deadline and self.proc.poll() is None and self.STARTED not in self.log.read_text():
+                time.sleep(0.5)
+            if self.proc.poll() is None and self.STARTED in self.log.read_text():
+                return
+            self.stop()
+        raise AssertionError(f"{self.name}: `ray start` did not come up in three tries: {self.log.read_text()[-3000:]}")
 
     def _child(self) -> int:
         deadline = time.time() + 30
@@ -162,7 +175,7 @@ class Pod:
                 children = []
             if children:
                 return int(children[0])
-            assert self.proc.poll() is None, self.log.read_text()
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
             time.sleep(0.05)
         raise AssertionError(f"{self.name}: no PID 1 after 30 s")
 
