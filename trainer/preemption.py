@@ -13,11 +13,12 @@ so that name is diverted while the loop runs (Ray 2.60 internals; if they move, 
 run resumes from the last periodic checkpoint). Without Ray (world size 1) a plain handler is installed.
 
 In a pod the kubelet's SIGTERM goes to the container's PID 1 (KubeRay's `ray start --block`), whose own handler
-drains the node and stops the raylet, which ends the workers without the signal this module waits for. So the
-chart's `preStop` hook signals the training processes first: while the handler is installed each one writes a file
-named after its pid into DOLLY_SIGTERM_PID_DIR (the chart sets it on worker pods; the file holds the process's
-start time so that a reused pid is never signalled), and the hook SIGTERMs every registered pid and waits for it to
-exit (charts/dolly-train/templates/_helpers.tpl, "dolly-train.preStop"; docs/operations.md, "Preemption").
+drains the node for up to 30 s while training goes on, then stops the raylet, which kills the workers before a step
+and a save can finish (measured: docs/operations.md, "Preemption"). So the chart's `preStop` hook signals the
+training processes first: while the handler is installed each one writes a file named after its pid into
+DOLLY_SIGTERM_PID_DIR (the chart sets it on worker pods; the file holds the process's start time so that a reused
+pid is never signalled), and the hook SIGTERMs every registered pid and waits for it to exit
+(charts/dolly-train/templates/_helpers.tpl, "dolly-train.preStopScript").
 """
 
 from __future__ import annotations

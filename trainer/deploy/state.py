@@ -75,9 +75,10 @@ class RayJobState:
 
     @property
     def outcome(self) -> str:
-        """'succeeded', 'failed', 'queued' (waiting for Kueue's admission) or 'running'. Mirrors the Argo CD health check (manifests/argocd/
-        resource_customizations/ray.io/RayJob/health.lua): failed only when KubeRay says the deployment failed,
-        or the Ray job failed in the last attempt that backoffLimit allows."""
+        """'succeeded', 'failed', 'queued' (waiting for Kueue's admission) or 'running'. Mirrors the Argo CD health
+        check (manifests/argocd/resource_customizations/ray.io/RayJob/health.lua): failed only when KubeRay says the
+        deployment failed, or the Ray job failed in the last attempt that backoffLimit allows; queued where the check
+        says "Queued in Kueue LocalQueue ..." (Progressing)."""
         dep, job = self.deployment_status, self.job_status
         if dep in ("Failed", "ValidationFailed"):
             return "failed"  # terminal: KubeRay retries before it writes Failed, never after
