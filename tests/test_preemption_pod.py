@@ -83,7 +83,8 @@ def kuberay_worker_command(group: dict, head_address: str) -> list[str]:
     container = group["template"]["spec"]["containers"][0]
     user_cmd = " ".join(container.get("command") or []) + " ".join(container.get("args") or [])
     assert "ray start" not in user_cmd and not user_cmd, "the chart leaves the command to KubeRay"
-    params = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in (group.get("rayStartParams") or {}).items()}
+    params = {k: str(v).lower() if isinstance(v, bool) else str(v)
+              for k, v in (group.get("rayStartParams") or {}).items()}
     params.setdefault("address", head_address)  # <fqdnRayIP>:<headPort> in a cluster
     params.setdefault("metrics-export-port", "8080")
     params["block"] = "true"
@@ -109,8 +110,8 @@ def test_kuberay_command_construction_matches_kuberays_own_tests():
         "limits": {"cpu": "1", "memory": "1Gi", "nvidia.com/gpu": "3"}}}]}}}
     cmd = kuberay_worker_command(group, "raycluster-sample-head-svc.default.svc.cluster.local:6379")
     assert cmd[:3] == ["/bin/bash", "-c", "--"]
-    expected = ("ulimit -n ${RAY_START_ULIMIT_OPEN_FILES:-65536}; ray start --block --dashboard-agent-listen-port=52365 "
-                "--memory=1073741824 --num-cpus=1 --num-gpus=3 "
+    expected = ("ulimit -n ${RAY_START_ULIMIT_OPEN_FILES:-65536}; ray start --block "
+                "--dashboard-agent-listen-port=52365 --memory=1073741824 --num-cpus=1 --num-gpus=3 "
                 "--address=raycluster-sample-head-svc.default.svc.cluster.local:6379 --port=6379 "
                 "--metrics-export-port=8080")
     assert sorted(cmd[3].split()) == sorted(expected.split())
