@@ -241,9 +241,9 @@ def test_pod_deletion_saves_the_step_then_the_replacement_pod_resumes(tmp_path, 
     head_address = f"{get_node_ip_address()}:{head_port}"
     ray_bin = Path(sys.executable).parent / "ray"
     base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    marker = f"DOLLY_TEST_POD_RUN={uuid.uuid4().hex}"  # every process of this test inherits it: cleanup finds them
+    run_marker = f"DOLLY_TEST_POD_RUN={uuid.uuid4().hex}"  # every process of this test inherits it: cleanup finds them
     base.update(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONPATH=str(REPO),
-                RAY_AUTH_MODE="disabled", DOLLY_TEST_POD_RUN=marker.split("=", 1)[1])
+                RAY_AUTH_MODE="disabled", DOLLY_TEST_POD_RUN=run_marker.split("=", 1)[1])
     # The worker container's environment as rendered, less what only an API server gives (fieldRef) and the
     # progress target (no API server here); HF_HOME on the test's volume.
     pod_env = dict(base)
@@ -351,7 +351,7 @@ def test_pod_deletion_saves_the_step_then_the_replacement_pod_resumes(tmp_path, 
         os.killpg(head.pid, signal.SIGKILL)
         head.wait(timeout=30)
         head_log.close()
-        kill_marked(marker)  # Ray daemons that left the process groups (a new session)
+        kill_marked(run_marker)  # Ray daemons that left the process groups (a new session)
 
 
 def kill_marked(marker: str) -> None:
