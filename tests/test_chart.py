@@ -58,6 +58,7 @@ MATRIX = [
         "--set-json", 'metrics.scrapeFrom=[{"namespaceSelector":{"matchLabels":'
                       '{"kubernetes.io/metadata.name":"monitoring"}}}]']),
     ("progress-off", "values-cpu-smoke.yaml", ["--set", "progress.enabled=false"]),
+    ("kueue", "values-gpu-8x.yaml", ["--set", "kueue.queueName=team-a", "--set", "kueue.priorityClassName=batch-low"]),
 ]
 # Prometheus Operator's ServiceMonitor (monitoring.coreos.com/v1) is not among ../shared/crds: this is the subset of
 # its CRD schema (prometheus-operator's monitoring.coreos.com_servicemonitors.yaml) that the chart uses, strict like

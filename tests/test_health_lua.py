@@ -4,6 +4,7 @@ inputPath loaded as the global `obj`, the script's returned status and message c
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -83,15 +84,54 @@ def test_status_enums_used_are_kuberays():
 
 def test_cli_wait_outcome_agrees_with_the_rayjob_health_check():
     """`dolly-train wait` (trainer/deploy/state.py) and Argo CD judge a RayJob the same way on every testdata case:
-    Healthy = succeeded, Degraded = failed, Progressing/Suspended = still running."""
+    Healthy = succeeded, Degraded = failed, Progressing/Suspended = still running - and Progressing "Queued in Kueue
+    ..." = queued (waiting for Kueue's admission)."""
     from trainer.deploy.state import RayJobState
 
     expected = {"Healthy": "succeeded", "Degraded": "failed", "Progressing": "running", "Suspended": "running"}
     rayjob = ROOT / "ray.io" / "RayJob"
+    queued = 0
     for path in sorted((rayjob / "testdata").glob("*.yaml")):
         obj = yaml.safe_load(path.read_text())
-        status = run_health(rayjob, obj)["status"]
-        assert RayJobState.from_object(obj).outcome == expected[status], f"{path.name}: Argo CD says {status}"
+        health = run_health(rayjob, obj)
+        want = expected[health["status"]]
+        if health["status"] == "Progressing" and health["message"].startswith("Queued in Kueue LocalQueue "):
+            want, queued = "queued", queued + 1
+        assert RayJobState.from_object(obj).outcome == want, f"{path.name}: Argo CD says {health}"
+    assert queued >= 4
+
+
+# What KubeRay v1.7.0 and Kueue v0.19.2 write for a RayJob with kueue.queueName, in order: created suspended, KubeRay
+# walks it to Suspended without a cluster (queued), Kueue admits it (spec.suspend false), KubeRay starts over and runs
+# it, Kueue preempts it (suspended again), then it waits in the queue again. tests/test_k8s_client.py replays it
+# through `dolly-train wait`.
+KUEUE_SEQUENCE = ["kueue-created", "kueue-initializing", "kueue-suspending", "kueue-queued", "kueue-admitted",
+                  "kueue-admitted-new", "kueue-running", "kueue-preempted", "kueue-queued"]
+
+
+def test_a_queued_rayjob_is_never_degraded_or_suspended():
+    from trainer.deploy.state import RayJobState
+
+    rayjob = ROOT / "ray.io" / "RayJob"
+    objs = [yaml.safe_load((rayjob / "testdata" / f"{n}.yaml").read_text()) for n in KUEUE_SEQUENCE]
+    health = [run_health(rayjob, o) for o in objs]
+    assert {h["status"] for h in health} == {"Progressing"}, dict(zip(KUEUE_SEQUENCE, health))
+    outcomes = [RayJobState.from_object(o).outcome for o in objs]
+    assert outcomes == ["queued"] * 4 + ["running"] * 3 + ["queued"] * 2, outcomes
+    for o in objs:
+        assert o["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    # KubeRay's writes: no cluster and no Ray job while queued; the admitted run has its own startTime
+    for o, n in zip(objs, KUEUE_SEQUENCE):
+        st = o.get("status") or {}
+        if n in ("kueue-queued", "kueue-admitted"):
+            assert (st["jobDeploymentStatus"], "rayClusterName" in st, "jobId" in st, "jobStatus" in st) == \
+                ("Suspended", False, False, False)
+    assert objs[6]["status"]["startTime"] > objs[3]["status"]["startTime"]
+    # without the label the same suspended object is Argo CD's Suspended (a person suspended it), not queued
+    plain = copy.deepcopy(objs[3])
+    del plain["metadata"]["labels"]["kueue.x-k8s.io/queue-name"]
+    assert run_health(rayjob, plain)["status"] == "Suspended"
+    assert RayJobState.from_object(plain).outcome == "running"
 
 
 # The transitions KubeRay v1.7.0 writes for a RayJob whose first attempt fails and whose retry succeeds

@@ -63,6 +63,9 @@ class FakeKube:
     def __init__(self):
         self.objects: dict[tuple, dict] = {}      # (resource, namespace, name) -> object
         self.statuses: dict[tuple, list] = {}     # (namespace, rayjob) -> pending statuses, one per read/event
+        # (namespace, rayjob) -> what another controller changes with each of those statuses (Kueue flips
+        # spec.suspend): {"suspend": bool, "generation": int} or None, aligned with `statuses`
+        self.spec_changes: dict[tuple, list] = {}
         self.logs: dict[tuple, list[str]] = {}    # (namespace, pod) -> log lines
         self.requests: list[dict] = []
         # Faults for the next RayJob reads and watches, in order: an HTTP status (int), "drop" (a watch stream
@@ -91,6 +94,11 @@ class FakeKube:
             return None
         obj = self.objects[("rayjobs", ns, name)]
         obj["status"] = queue.pop(0)
+        changes = self.spec_changes.get((ns, name))
+        change = changes.pop(0) if changes else None
+        if change:
+            obj["spec"]["suspend"] = change["suspend"]
+            obj["metadata"]["generation"] = change["generation"]
         self.resource_version += 1
         obj["metadata"]["resourceVersion"] = str(self.resource_version)
         return copy.deepcopy(obj)
@@ -830,3 +838,62 @@ def test_submit_values_may_not_set_train(api, kube, tmp_path, capsys):
     assert run(api, "submit", "--config", "cpu-tiny", "--image", "i:1", "--name", "t", "--pvc", "p", "--values", str(vf),
                "model.path=/m", "data.path=/d", "checkpoint.storage_path=/r") == 1
     assert "sets `train`" in capsys.readouterr().err and kube.requests == []
+
+
+# ---- Kueue: a RayJob waiting for admission is queued, not failed or stuck -------------------------------------------
+
+def put_kueue_sequence(kube: FakeKube, name: str, fixtures: list[str]) -> None:
+    """Like put_fixture_sequence, with the Kueue label and the spec.suspend flips (Kueue's admission and preemption)
+    of each fixture replayed along with its status."""
+    put_fixture_sequence(kube, name, fixtures)
+    objs = [yaml.safe_load((RAYJOB_TESTDATA / f"{f}.yaml").read_text()) for f in fixtures]
+    first = kube.objects[("rayjobs", NS, name)]
+    first["metadata"]["labels"] = objs[0]["metadata"]["labels"]
+    kube.spec_changes[(NS, name)] = [{"suspend": o["spec"]["suspend"], "generation": o["metadata"]["generation"]}
+                                     for o in objs]
+
+
+def test_wait_reports_queued_then_admitted_then_success(api, kube, capsys):
+    """Created suspended with kueue.x-k8s.io/queue-name; KubeRay walks it to Suspended (no cluster); Kueue admits it
+    (spec.suspend false); it runs and succeeds: every step before admission reads "queued", none is a failure."""
+    from test_health_lua import KUEUE_SEQUENCE
+
+    sequence = KUEUE_SEQUENCE[:KUEUE_SEQUENCE.index("kueue-running") + 1] + ["succeeded"]
+    put_kueue_sequence(kube, "tiny", sequence)
+    assert run(api, "wait", "tiny", "-n", NS, "--poll", "0.01", "--timeout", "30") == 0
+    out, err = capsys.readouterr()
+    assert "FAILED" not in err and out.rstrip().endswith("tiny: SUCCEEDED")
+    lines = re.findall(r"tiny: (.+)", out)
+    queued = [line for line in lines if line.startswith("queued in Kueue LocalQueue team-a")]
+    assert [re.search(r"deployment (\w*)", q).group(0) for q in queued] == [
+        "deployment New", "deployment Initializing", "deployment Suspending", "deployment Suspended"], lines
+    assert all("waiting for Kueue to admit the whole RayCluster" in q for q in queued)
+    assert any(line.startswith("admitted by Kueue, KubeRay is starting it; deployment Suspended") for line in lines)
+    assert lines.index(queued[-1]) < next(i for i, line in enumerate(lines) if "deployment Running, job RUNNING" in line)
+    assert "suspended" not in " ".join(queued)  # queued, not a person's suspend
+
+
+def test_status_says_queued_and_wait_times_out_while_queued(api, kube, capsys):
+    put_kueue_sequence(kube, "tiny", ["kueue-queued"])
+    assert run(api, "status", "tiny", "-n", NS) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"outcome\s+queued", out) and re.search(r"kueue queue\s+team-a", out), out
+    assert run(api, "status", "tiny", "-n", NS, "-o", "json") == 0
+    assert json.loads(capsys.readouterr().out)["outcome"] == "queued"
+    assert run(api, "wait", "tiny", "-n", NS, "--poll", "0.05", "--timeout", "0.4") == k8s_cli.EXIT_TIMEOUT
+    assert "timed out after 0.4 s (queued in Kueue LocalQueue team-a" in capsys.readouterr().err
+
+
+def test_wait_keeps_waiting_through_a_kueue_preemption(api, kube, capsys):
+    put_kueue_sequence(kube, "tiny", ["kueue-running", "kueue-preempted", "kueue-queued", "kueue-admitted",
+                                      "kueue-admitted-new", "kueue-running", "succeeded"])
+    assert run(api, "wait", "tiny", "-n", NS, "--poll", "0.01", "--timeout", "30") == 0
+    out = capsys.readouterr().out
+    assert "queued in Kueue LocalQueue team-a (preempted by Kueue, KubeRay is deleting its RayCluster)" in out, out
+
+
+def test_resume_refuses_a_kueue_managed_rayjob(api, kube, capsys):
+    put_kueue_sequence(kube, "tiny", ["kueue-queued"])
+    assert run(api, "resume", "tiny", "-n", NS) == 1
+    assert "managed by Kueue (LocalQueue team-a)" in capsys.readouterr().err
+    assert not [r for r in kube.requests if r["method"] == "PATCH"]

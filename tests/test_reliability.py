@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -231,6 +232,35 @@ def test_chart_sets_worker_termination_grace_period(repo):
 
     assert set(grace()) == {300}
     assert set(grace("--set", "worker.terminationGracePeriodSeconds=120")) == {120}
+
+
+def test_sigterm_handler_registers_its_process_for_the_prestop_hook(tmp_path, monkeypatch, capsys):
+    """While the handler is installed the process is announced in DOLLY_SIGTERM_PID_DIR (file = pid, content = the
+    start time from /proc/<pid>/stat, which the chart's hook compares before signalling); uninstall removes it."""
+    from trainer import preemption
+
+    pid_dir = tmp_path / "sigterm"
+    monkeypatch.setenv(preemption.PID_DIR_ENV, str(pid_dir))
+    stop = preemption.StopOnSigterm(0).install()
+    try:
+        entry = pid_dir / str(os.getpid())
+        fields = Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()
+        assert entry.read_text().strip() == fields[19]  # field 22 of stat: the start time
+        assert [p.name for p in pid_dir.iterdir()] == [entry.name]  # no temp file left behind
+    finally:
+        stop.uninstall()
+    assert not entry.exists()
+    # an unwritable directory: a warning, and the handler still works
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv(preemption.PID_DIR_ENV, str(blocker / "sub"))
+    stop = preemption.StopOnSigterm(0).install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested.wait(5)
+    finally:
+        stop.uninstall()
+    assert "cannot register for the preStop hook" in capsys.readouterr().out
 
 
 # ---- quiet by default ------------------------------------------------------------------------------------

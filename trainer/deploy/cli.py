@@ -5,7 +5,8 @@
     dolly-train submit --config cpu-tiny --image ghcr.io/dolly-train/cpu:0.1.0 --name tiny --pvc dolly-train-data \\
         model.path=/mnt/dolly/models/tiny data.path=/mnt/dolly/data/synthetic checkpoint.storage_path=/mnt/dolly/runs
         # renders charts/dolly-train (`helm template`) with values from the config and flags: the chart's RayJob
-    dolly-train status tiny -n dolly-train                         # phase + progress (step, %, ETA, loss, tokens/s)
+    dolly-train status tiny -n dolly-train                         # phase + progress (step, %, ETA, loss, tokens/s);
+                                                                    # outcome queued: waiting for Kueue's admission
     dolly-train wait tiny -n dolly-train --timeout 3600             # progress lines while it waits; exit 0 SUCCEEDED, 1 failed, 124 timeout,
                                                                     # 69 cannot reach / authenticate to the API
     dolly-train logs tiny -n dolly-train --follow                   # the submitter pod (`ray job submit` output)
@@ -103,6 +104,7 @@ def cmd_status(args) -> int:
     rows = [("rayjob", f"{args.namespace}/{s.name}"), ("job status", s.job_status or "-"),
             ("deployment", s.deployment_status or "New"), ("reason", s.reason or "-"),
             ("message", s.message or "-"), ("ray cluster", s.cluster or "-"), ("suspend", str(s.suspend).lower()),
+            ("kueue queue", s.queue or "-"),
             ("failed attempts", str(s.failed)), ("started", s.start_time or "-"), ("ended", s.end_time or "-"),
             ("outcome", s.outcome)]
     rows += _progress_rows(prog, age)
@@ -237,7 +239,14 @@ def cmd_logs(args) -> int:
 
 def cmd_suspend(args) -> int:
     suspend = args.command == "suspend"
-    obj = _client(args).set_suspend(args.name, suspend)
+    client = _client(args)
+    if not suspend:
+        state = client.state(args.name)
+        if state.queue:  # Kueue owns spec.suspend: it would suspend the job again at once, or run it over quota
+            raise K8sError(f"resume: RayJob {args.name} is managed by Kueue (LocalQueue {state.queue}); Kueue "
+                           "un-suspends it when the queue admits it (`kubectl get workloads -n "
+                           f"{args.namespace}` shows why it waits)")
+    obj = client.set_suspend(args.name, suspend)
     print(f"rayjob.ray.io/{args.name} {'suspended' if suspend else 'resumed'} "
           f"(spec.suspend={str(bool(obj.get('spec', {}).get('suspend'))).lower()})")
     return 0

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"  # Kueue's LocalQueue of a job (the chart's kueue.queueName)
+
 
 @dataclass
 class RayJobState:
@@ -17,6 +19,12 @@ class RayJobState:
     while `status.failed` < `spec.backoffLimit` + 1 (checkBackoffLimitAndUpdateStatusIfNeeded): it then writes
     jobDeploymentStatus Retrying with jobStatus still FAILED from the attempt that failed, deletes the cluster and
     starts over (Retrying -> New -> Initializing). So jobStatus FAILED alone is not a verdict; a Failed deployment is.
+
+    Under Kueue (the label kueue.x-k8s.io/queue-name) a RayJob waits for admission with spec.suspend true. KubeRay
+    walks it New -> Initializing -> Suspending -> Suspended without creating a cluster (updateStatusToSuspendingIfNeeded
+    runs before getOrCreateRayClusterInstance) and leaves it there; Kueue's admission sets suspend false and KubeRay
+    starts over (Suspended -> New -> Initializing, a new startTime: activeDeadlineSeconds counts from admission).
+    A preemption by Kueue sets suspend true again: Running -> Suspending (the cluster is deleted) -> Suspended.
     """
 
     name: str
@@ -32,6 +40,7 @@ class RayJobState:
     end_time: str
     backoff_limit: int = 0
     succeeded: int = 0
+    queue: str = ""  # Kueue LocalQueue (label kueue.x-k8s.io/queue-name); empty when Kueue does not manage it
 
     @classmethod
     def from_object(cls, obj: dict) -> "RayJobState":
@@ -43,6 +52,7 @@ class RayJobState:
             cluster=st.get("rayClusterName") or "", suspend=bool(spec.get("suspend")),
             failed=int(st.get("failed") or 0), start_time=st.get("startTime") or "", end_time=st.get("endTime") or "",
             backoff_limit=int(spec.get("backoffLimit") or 0), succeeded=int(st.get("succeeded") or 0),
+            queue=(meta.get("labels") or {}).get(KUEUE_QUEUE_LABEL) or "",
         )
 
     @property
@@ -57,10 +67,18 @@ class RayJobState:
         return self.failed if self.deployment_status in ("Retrying", "Failed") and self.failed else self.failed + 1
 
     @property
+    def queued(self) -> bool:
+        """Waiting for Kueue to admit it (first time or after a preemption): nothing of it runs meanwhile."""
+        if not self.queue or self.deployment_status in ("Complete", "Failed", "ValidationFailed"):
+            return False
+        return self.suspend or self.deployment_status == "Suspending"
+
+    @property
     def outcome(self) -> str:
-        """'succeeded', 'failed' or 'running'. Mirrors the Argo CD health check (manifests/argocd/
-        resource_customizations/ray.io/RayJob/health.lua): failed only when KubeRay says the deployment failed,
-        or the Ray job failed in the last attempt that backoffLimit allows."""
+        """'succeeded', 'failed', 'queued' (waiting for Kueue's admission) or 'running'. Mirrors the Argo CD health
+        check (manifests/argocd/resource_customizations/ray.io/RayJob/health.lua): failed only when KubeRay says the
+        deployment failed, or the Ray job failed in the last attempt that backoffLimit allows; queued where the check
+        says "Queued in Kueue LocalQueue ..." (Progressing)."""
         dep, job = self.deployment_status, self.job_status
         if dep in ("Failed", "ValidationFailed"):
             return "failed"  # terminal: KubeRay retries before it writes Failed, never after
@@ -73,6 +91,8 @@ class RayJobState:
             return "failed" if self.failed >= self.backoff_limit else "running"
         if job == "STOPPED":
             return "failed"  # KubeRay marks a STOPPED job Complete, and never retries a Complete RayJob
+        if self.queued:
+            return "queued"
         return "running"  # SUCCEEDED waits for the deployment to be marked Complete on the next reconcile
 
     def attempt_text(self) -> str:
@@ -89,9 +109,16 @@ class RayJobState:
 
     def summary(self) -> str:
         text = f"deployment {self.deployment_status or 'New'}, job {self.job_status or '-'}"
+        if self.outcome == "queued":
+            why = ("preempted by Kueue, KubeRay is deleting its RayCluster"
+                   if self.deployment_status == "Suspending" and self.job_status
+                   else "waiting for Kueue to admit the whole RayCluster")
+            text = f"queued in Kueue LocalQueue {self.queue} ({why}); {text}"
+        elif self.queue and self.deployment_status == "Suspended":
+            text = f"admitted by Kueue, KubeRay is starting it; {text}"
         if (self.backoff_limit or self.failed) and self.deployment_status != "ValidationFailed":
             text += f", {self.attempt_text()}"
-        if self.suspend:
+        if self.suspend and self.outcome != "queued":
             text += ", suspended"
         if self.outcome == "failed" and self.deployment_status == "Failed" and self.job_status not in ("", "FAILED"):
             text += f" (KubeRay gave up while the Ray job last reported {self.job_status})"

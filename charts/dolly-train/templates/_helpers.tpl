@@ -210,6 +210,28 @@ Returns YAML: {groups: [{groupName, replicas, gpusPerPod, ...}, ...]}.
 {{- if and .Values.staging.enabled (eq $m.source "hub") $m.gated (not .Values.staging.hfTokenSecret.name) }}
 {{- fail (printf "staging.hfTokenSecret.name: %s is a gated model (staging.model.gated: true), so the staging Job needs a Hugging Face token. Accept the model's licence on huggingface.co, create the Secret in the release namespace:\n  kubectl create secret generic hf-token --from-literal=token=hf_...\nand set staging.hfTokenSecret.name=hf-token (or staging.model.gated=false for a public model)" $m.repoId) }}
 {{- end }}
+{{- if .Values.kueue.queueName }}
+{{- if ne .Values.mode "rayjob" }}
+{{- fail (printf "kueue.queueName: set for mode %s, but the chart queues only a RayJob with Kueue (mode: rayjob); leave kueue.queueName empty" .Values.mode) }}
+{{- end }}
+{{- if not .Values.rayJob.shutdownAfterJobFinishes }}
+{{- fail "kueue.queueName: Kueue's RayJob webhook rejects a RayJob whose cluster outlives the job ('a kueue managed job should delete the cluster after finishing'); set rayJob.shutdownAfterJobFinishes=true and leave rayJob.deletionStrategy empty" }}
+{{- end }}
+{{- range $groups }}
+{{- if eq .groupName "head" }}
+{{- fail "kueue.queueName: Kueue reserves the pod set name 'head' for the head group; rename the worker group (worker.groupName or the additionalWorkerGroups key)" }}
+{{- end }}
+{{- end }}
+{{- else if .Values.kueue.priorityClassName }}
+{{- fail (printf "kueue.priorityClassName: %q has no effect without kueue.queueName (Kueue manages only RayJobs with a queue); set kueue.queueName or use priorityClassName for the pods" .Values.kueue.priorityClassName) }}
+{{- end }}
+{{- if .Values.preemption.preStop }}
+{{- range $groups }}
+{{- if lt (sub (int .terminationGracePeriodSeconds) (int $.Values.preemption.reserveSeconds)) 10 }}
+{{- fail (printf "worker group %s: terminationGracePeriodSeconds %d leaves the preStop hook less than 10 s after preemption.reserveSeconds %d for the workers to save; raise the grace period (one step plus one checkpoint save) or set preemption.preStop=false" .groupName (int .terminationGracePeriodSeconds) (int $.Values.preemption.reserveSeconds)) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- if and .Values.staging.enabled (not (hasPrefix "/" (.Values.train.model.path | default "/"))) }}
 {{- fail (printf "train.model.path: %q is not a path on the volume, but staging.enabled writes the model to a path; leave it empty or give an absolute path" .Values.train.model.path) }}
 {{- end }}
@@ -218,4 +240,33 @@ Returns YAML: {groups: [{groupName, replicas, gpusPerPod, ...}, ...]}.
 {{/* "true" when rank 0 publishes its progress on the RayJob (progress.enabled, mode rayjob: a RayJob to write to). */}}
 {{- define "dolly-train.progressOn" -}}
 {{- and .Values.progress.enabled (eq .Values.mode "rayjob") }}
+{{- end }}
+
+{{/*
+The workers' preStop hook (preemption.preStop): dict "root" $ "grace" <terminationGracePeriodSeconds>.
+The kubelet runs it before it sends SIGTERM to the container's PID 1 (KubeRay's `ray start --block`, whose own
+SIGTERM handler drains the node and stops the raylet: the training processes would die without saving). Every
+training process registers its pid and start time in DOLLY_SIGTERM_PID_DIR while its SIGTERM handler is installed
+(trainer/preemption.py); the hook SIGTERMs each one still running as the same process (a reused pid is skipped),
+then waits until they have exited - they finish the step and save together - for at most the grace period less
+preemption.reserveSeconds, which stay for `ray start` to drain and stop. Its output goes to PID 1's stdout, i.e.
+`kubectl logs`. tests/test_preemption_pod.py runs it against KubeRay's worker command.
+*/}}
+{{- define "dolly-train.preStopScript" -}}
+{{- $wait := sub (int .grace) (int .root.Values.preemption.reserveSeconds) -}}
+if [ -w /proc/1/fd/1 ]; then exec >>/proc/1/fd/1 2>&1; fi
+dir="${DOLLY_SIGTERM_PID_DIR:?}"; end=$((SECONDS + {{ $wait }})); pids=""
+for f in "$dir"/*; do
+  p="${f##*/}"; case "$p" in ''|*[!0-9]*) continue ;; esac
+  stat="$(cat "/proc/$p/stat" 2>/dev/null)" || continue
+  set -- ${stat##*) }
+  [ "${20}" = "$(cat "$f" 2>/dev/null)" ] || continue
+  kill -TERM "$p" 2>/dev/null && pids="$pids $p"
+done
+echo "[dolly-train] preStop: SIGTERM sent to training processes:${pids:- none}; waiting up to {{ $wait }} s for them to save and exit"
+for p in $pids; do
+  while kill -0 "$p" 2>/dev/null && [ "$SECONDS" -lt "$end" ]; do sleep 1; done
+done
+left=""; for p in $pids; do kill -0 "$p" 2>/dev/null && left="$left $p"; done
+echo "[dolly-train] preStop: done after ${SECONDS} s; still running:${left:- none}"
 {{- end }}

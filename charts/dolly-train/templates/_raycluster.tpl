@@ -110,10 +110,27 @@ workerGroupSpecs:
                 valueFrom:
                   fieldRef: {fieldPath: metadata.namespace}
               {{- end }}
+              {{- if $.Values.preemption.preStop }}
+              # trainer/preemption.py: each training process registers here for the preStop hook below.
+              - name: DOLLY_SIGTERM_PID_DIR
+                value: /dev/shm/dolly-train-sigterm
+              {{- end }}
             {{- with $.Values.storage.objectStore.credentialsSecret }}
             envFrom:
               - secretRef:
                   name: {{ . }}
+            {{- end }}
+            {{- if $.Values.preemption.preStop }}
+            # SIGTERM the training processes and wait for their checkpoint before the kubelet signals PID 1
+            # (`ray start --block`, which stops the raylet). docs/operations.md, "Preemption".
+            lifecycle:
+              preStop:
+                exec:
+                  command:
+                    - /bin/bash
+                    - -c
+                    - |
+                      {{- include "dolly-train.preStopScript" (dict "root" $ "grace" $g.terminationGracePeriodSeconds) | nindent 22 }}
             {{- end }}
             resources:
               {{- $res := deepCopy $g.resources }}

@@ -5,6 +5,19 @@
 local hs = {}
 local st = obj.status
 local suspend = obj.spec ~= nil and obj.spec.suspend == true
+-- Kueue's RayJob integration (the chart's kueue.queueName): the job waits for admission with spec.suspend true, and
+-- Kueue sets it to false once the whole cluster fits the queue's quota, or back to true when it preempts the job.
+-- Queued is not stuck: Progressing, with the queue named (Argo CD has no Queued status).
+local queue = nil
+if obj.metadata ~= nil and obj.metadata.labels ~= nil then
+  queue = obj.metadata.labels["kueue.x-k8s.io/queue-name"]
+end
+
+local function queued(why)
+  hs.status = "Progressing"
+  hs.message = "Queued in Kueue LocalQueue " .. queue .. ": " .. why
+  return hs
+end
 
 local function detail(text)
   if st.reason ~= nil and st.reason ~= "" then
@@ -17,6 +30,9 @@ local function detail(text)
 end
 
 if st == nil or ((st.jobDeploymentStatus or "") == "" and (st.jobStatus or "") == "") then
+  if suspend and queue ~= nil then
+    return queued("waiting for admission; no RayCluster until Kueue admits the whole job")
+  end
   if suspend then
     hs.status = "Suspended"
     hs.message = "RayJob is created suspended: no RayCluster until spec.suspend is false"
@@ -117,6 +133,21 @@ if job == "SUCCEEDED" then
   -- KubeRay marks the deployment Complete on its next reconcile; until then the sync is not done.
   hs.status = "Progressing"
   hs.message = "Ray job SUCCEEDED; waiting for KubeRay to mark the deployment Complete (now " .. dep .. ")"
+  return hs
+end
+
+-- Under Kueue, KubeRay walks a suspended job New -> Initializing -> Suspending -> Suspended without a RayCluster
+-- (rayjob_controller.go: updateStatusToSuspendingIfNeeded runs before getOrCreateRayClusterInstance).
+if queue ~= nil and (suspend or dep == "Suspending") then
+  if dep == "Suspending" and job ~= "" then
+    return queued("preempted; KubeRay is deleting its RayCluster, the run resumes from its last checkpoint when admitted again")
+  end
+  return queued("waiting for admission; no RayCluster until Kueue admits the whole job (deployment " ..
+    (dep ~= "" and dep or "New") .. ")")
+end
+if queue ~= nil and dep == "Suspended" then
+  hs.status = "Progressing"
+  hs.message = "Admitted by Kueue (LocalQueue " .. queue .. "); KubeRay is starting the RayCluster"
   return hs
 end
 
