@@ -374,3 +374,14 @@ def test_out_dir_is_replaced_whole(tmp_path, tok):
         prepare(source="synthetic", out=out, tokenizer=tok, max_length=256, num_examples=4, val_size=2, test_size=2)
     assert (out / "train.jsonl").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["data"]
+
+
+def test_split_that_cannot_hold_out_a_near_duplicate_group_fails(tmp_path, tok):
+    """Four records that are one question (four responses): no held-out split can take the group without
+    straddling, so a requested validation/test split cannot be filled: a clear error, not an empty split."""
+    rows = [{"instruction": "Name a colour.", "context": "", "response": r, "category": "open_qa"}
+            for r in ("Red.", "Blue.", "Green.", "Teal.")]
+    with pytest.raises(DataError, match="near-duplicate group"):
+        prepare(source="jsonl", path=write_lines(tmp_path / "one.jsonl", rows), out=tmp_path / "out",
+                tokenizer=tok, max_length=256, val_size=1, test_size=1)
+    assert not (tmp_path / "out").exists()

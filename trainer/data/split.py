@@ -108,6 +108,12 @@ def split_records(records: list[dict], seed: int, val_size: int | None = None,
             if name != "train":
                 room[name] -= len(g)
             out[name] += g
+    for name, size in (("validation", val_size), ("test", test_size)):
+        if size and not out[name]:
+            raise DataError(
+                f"{name}: {size} records requested, but every near-duplicate group (records sharing instruction + "
+                f"context) is larger than its share, so none fits: {n} records in {sum(map(len, groups.values()))} "
+                f"groups. Add records or raise --val-size / --test-size", "split")
     for name in SPLITS:  # interleave categories, deterministically
         out[name].sort(key=lambda r: r["id"])
         random.Random(f"{seed}:{name}").shuffle(out[name])
