@@ -3,6 +3,7 @@ the tiny Mistral model with the real v3 tokenizer, and a prepared synthetic Doll
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -155,6 +156,15 @@ def ray_cluster() -> dict[str, str]:
     need a cluster of their own (token auth, a dashboard, the in-process start itself) keep their own.
     `ray start --block` runs in the foreground as a child of pytest: its GCS, raylet and worker processes are
     pytest's descendants (kept by the per-test stray-process check), all in its process group."""
+    with ray_head() as run_env:
+        yield run_env
+
+
+@contextlib.contextmanager
+def ray_head(node_env: dict[str, str] | None = None, name: str = "ray-head"):
+    """`ray start --head --block` with `node_env` added to its environment (what a pod's env is on KubeRay:
+    every Ray process of the node, the Train controller and workers included, inherits it); yields the env a
+    `dolly-train train` needs to join it, and kills the whole cluster on exit."""
     def free_port() -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -165,9 +175,9 @@ def ray_cluster() -> dict[str, str]:
     port, agent_port = free_port(), free_port()
     address = f"127.0.0.1:{port}"
     ray_bin = Path(sys.executable).parent / "ray"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", **(node_env or {})}
     env.pop("RAY_ADDRESS", None)
-    log_path = SESSION_TMP / "ray-head.log"
+    log_path = SESSION_TMP / f"{name}.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             [str(ray_bin), "start", "--head", "--block", "--port", str(port), "--node-ip-address", "127.0.0.1",

@@ -198,6 +198,46 @@ def test_split_is_stratified_by_category(tmp_path, tok):
             assert abs(by_cat[c] - size * n / 1000) < 1, (s, c, by_cat[c], size * n / 1000)
 
 
+def test_near_duplicates_never_straddle_the_split(tmp_path, tok):
+    """One instruction (+ context) written twice with other responses, other case and other whitespace is two
+    records after exact de-duplication; both must sit in the same split, or the test set scores a prompt the model
+    trained on. Before the fix the split was per record and 60 such pairs straddled train/test."""
+    base = [r for r in generate(400, seed=21) if r["instruction"].strip()]
+    keys = lambda r: (re.sub(r"\s+", " ", r["instruction"]).strip().lower(),  # noqa: E731 (the test's own oracle)
+                      re.sub(r"\s+", " ", r["context"]).strip().lower())
+    seen, uniq = set(), []
+    for r in base:  # the generator repeats some prompts itself: pair only prompts that occur once
+        uniq.append(r) if keys(r) not in seen else None
+        seen.add(keys(r))
+    counts = Counter(keys(r) for r in base)
+    singles = [r for r in uniq if counts[keys(r)] == 1][:60]
+    twins = [{**r, "instruction": "  " + r["instruction"].upper().replace(" ", "\n\t "),
+              "response": r["response"] + " (a second writer's answer)"} for r in singles]
+    m = prepare(source="jsonl", path=write_lines(tmp_path / "d.jsonl", base + twins), out=tmp_path / "out",
+                tokenizer=tok, max_length=512, seed=0)
+    where: dict = {}
+    for s in SPLITS:
+        for r in read_jsonl(tmp_path / "out" / f"{s}.jsonl"):
+            where.setdefault(keys(r), set()).add(s)
+    straddling = {k: v for k, v in where.items() if len(v) > 1}
+    assert not straddling, f"{len(straddling)} groups straddle splits, e.g. {next(iter(straddling.items()))}"
+    groups = Counter(keys(r) for r in base + twins)
+    multi = [n for n in groups.values() if n > 1]
+    assert m["near_duplicates"] == {"groups": len(multi), "records": sum(multi)} and len(multi) >= 60
+    assert sum(m["counts"][s]["total"] for s in SPLITS) == len(base) + len(twins)  # nothing dropped
+    # every twin pair is whole somewhere, and the held-out splits still got (about) their default sizes
+    n = len(base) + len(twins)
+    assert abs(m["counts"]["test"]["total"] - round(0.10 * n)) <= 2, m["counts"]
+    assert abs(m["counts"]["validation"]["total"] - round(0.05 * n)) <= 2, m["counts"]
+    assert m["counts"]["test"]["total"] > 0 and set(m["counts"]["test"]["by_category"]) == \
+        set(m["counts"]["train"]["by_category"])  # still stratified: every category held out
+    again = prepare(source="jsonl", path=write_lines(tmp_path / "e.jsonl", twins + base), out=tmp_path / "again",
+                    tokenizer=tok, max_length=512, seed=0)
+    for s in SPLITS:  # same records, same seed: same split and order, whatever the input order
+        assert [r["id"] for r in read_jsonl(tmp_path / "again" / f"{s}.jsonl")] == \
+            [r["id"] for r in read_jsonl(tmp_path / "out" / f"{s}.jsonl")]
+
+
 def test_small_input_ten_records(tmp_path, tok):
     src = write_lines(tmp_path / "ten.jsonl", GOOD[:10])
     rc = main(["prepare", "--source", "jsonl", "--path", str(src), "--tokenizer", str(tok), "--max-length", "256",
@@ -334,3 +374,14 @@ def test_out_dir_is_replaced_whole(tmp_path, tok):
         prepare(source="synthetic", out=out, tokenizer=tok, max_length=256, num_examples=4, val_size=2, test_size=2)
     assert (out / "train.jsonl").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["data"]
+
+
+def test_split_that_cannot_hold_out_a_near_duplicate_group_fails(tmp_path, tok):
+    """Four records that are one question (four responses): no held-out split can take the group without
+    straddling, so a requested validation/test split cannot be filled: a clear error, not an empty split."""
+    rows = [{"instruction": "Name a colour.", "context": "", "response": r, "category": "open_qa"}
+            for r in ("Red.", "Blue.", "Green.", "Teal.")]
+    with pytest.raises(DataError, match="near-duplicate group"):
+        prepare(source="jsonl", path=write_lines(tmp_path / "one.jsonl", rows), out=tmp_path / "out",
+                tokenizer=tok, max_length=256, val_size=1, test_size=1)
+    assert not (tmp_path / "out").exists()

@@ -3,6 +3,7 @@ too-few-records in prepare (docs/operations.md). The Ray-worker versions are in 
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -94,12 +96,65 @@ def test_classify_fatal_and_retryable():
     oom = classify(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert isinstance(oom, FatalError) and "activation_checkpointing" in str(oom) and "Tried to allocate" in str(oom)
     assert isinstance(classify(C.ConfigError("batch.micro_batch_size: bad")), FatalError)
-    assert isinstance(classify(FileNotFoundError(2, "No such file", "/x/tokenized/train")), FatalError)
+    missing = classify(FileNotFoundError(2, "No such file", "/x/tokenized/train"), missing_file_grace_s=0.3)
+    assert isinstance(missing, FatalError) and "still missing" in str(missing)
+    assert isinstance(classify(FileNotFoundError("no path named")), FatalError)  # nothing to look for: certain
     assert isinstance(classify(ModuleNotFoundError("No module named 'flash_attn'")), FatalError)
     assert isinstance(classify(OSError(28, "No space left on device")), FatalError)
     # a crash a restart may fix stays retryable
     assert classify(RuntimeError("Connection reset by peer")) is None
     assert classify(ConnectionError("gloo")) is None
+
+
+def test_missing_file_that_appears_is_retried(tmp_path):
+    """A file a network volume shows late: missing when read, there a moment later. A restart would find it, so
+    it is retryable; one that stays missing through the grace period is not (a wrong path, a missing model dir)."""
+    import threading
+
+    late = tmp_path / "late" / "train.arrow"
+    t = threading.Timer(0.8, lambda: (late.parent.mkdir(), late.write_text("x")))
+    t.start()
+    t0 = time.monotonic()
+    assert classify(FileNotFoundError(2, "No such file or directory", str(late)), missing_file_grace_s=20) is None
+    assert 0.7 < time.monotonic() - t0 < 10  # waited for it, not the whole grace period
+    t.join()
+    gone = tmp_path / "models" / "mistral"
+    t0 = time.monotonic()
+    fatal = classify(FileNotFoundError(2, "No such file or directory", str(gone)), missing_file_grace_s=1.0)
+    assert isinstance(fatal, FatalError) and str(gone) in str(fatal) and time.monotonic() - t0 >= 1.0
+
+
+def test_watchdog_timeout_in_a_collective_is_retryable_elsewhere_fatal():
+    """The verdict comes from the stuck thread's stack: a thread really blocked inside torch.distributed (rank 0 of a
+    2-rank gloo group whose rank 1 never comes) is in a collective, so retryable; this test's own frames are not.
+    The whole path, a stalled collective in real Ray Train workers, is in tests/test_reliability_ray.py."""
+    from trainer.watchdog import in_collective
+
+    assert PhaseTimeout("x").dolly_fatal and classify(PhaseTimeout("x")) is not None
+    retry = PhaseTimeout("x", retryable=True)
+    assert classify(retry) is None
+    stop_on_fatal_callback().after_exception(None, {0: retry, 1: retry})  # no RunAborted: Ray Train retries
+
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+    started = threading.Event()
+
+    def blocked_in_c10d():
+        started.set()
+        try:  # rank 0 of 2: the rendezvous waits in distributed_c10d for a rank 1 that never comes
+            dist.init_process_group("gloo", store=store, rank=0, world_size=2, timeout=datetime.timedelta(seconds=4))
+        except Exception:
+            pass
+
+    th = threading.Thread(target=blocked_in_c10d, daemon=True)
+    th.start()
+    started.wait()
+    time.sleep(1.0)
+    stack = "".join(traceback.format_stack(sys._current_frames()[th.ident]))
+    th.join(timeout=30)
+    assert in_collective(stack), stack
+    assert not in_collective("".join(traceback.format_stack()))  # this test's own frames
 
 
 def test_controller_callback_stops_only_on_fatal_errors():

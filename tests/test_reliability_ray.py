@@ -255,3 +255,66 @@ def test_stale_extension_lock_fails_naming_the_lock(tmp_path, tiny_model_dir, sy
     assert proc.returncode == 1, proc.stdout[-3000:] + err[-3000:]
     assert "in phase 'deepspeed.initialize' (limit 20 s" in err and str(lock) in err, err[-3000:]
     assert len(starts(pid_dir)) == 2, starts(pid_dir)  # not retried: a restart would wait on the same lock
+
+
+# ---- transient vs certain: Ray Train retries the first kind only ------------------------------------------
+
+def test_file_that_appears_a_moment_later_is_retried(tmp_path, tiny_model_dir, synthetic_data_dir, ray_cluster):
+    """Rank 0 reads a file a network volume shows late: missing at the first read (FileNotFoundError), there a
+    moment later. Before: fatal, the run ended. Now: Ray Train restarts the workers and the run finishes."""
+    import threading
+
+    pid_dir, late = tmp_path / "pids", tmp_path / "volume" / "late.arrow"
+    late.parent.mkdir()
+
+    def volume():  # the file shows up once the worker has looked for it and failed
+        deadline = time.time() + 300
+        while time.time() < deadline and not Path(f"{late}.missed").exists():
+            time.sleep(0.1)
+        time.sleep(1.0)
+        late.write_text("x")
+
+    t = threading.Thread(target=volume, daemon=True)
+    t.start()
+    proc, _ = ray_train(tmp_path, tiny_model_dir, synthetic_data_dir, "late", "schedule.max_steps=2",
+                        "checkpoint.export=false",
+                        env={**ray_cluster, "DOLLY_TEST_LATE_FILE": f"0:data load:{late}",
+                             "DOLLY_MISSING_FILE_GRACE_S": "60", "DOLLY_PID_DIR": str(pid_dir)})
+    t.join(timeout=5)
+    out = proc.stdout + proc.stderr
+    assert Path(f"{late}.missed").exists(), "the worker never missed the file"
+    assert proc.returncode == 0, out[-4000:]
+    assert len(starts(pid_dir)) == 4, starts(pid_dir)  # one restart of the worker group
+    assert [r["step"] for r in train_rows(tmp_path / "late")] == [1, 2]
+
+
+def test_file_still_missing_is_not_retried(tmp_path, tiny_model_dir, synthetic_data_dir, ray_cluster):
+    """The same read of a file that never comes (a wrong path, a model dir absent at start): fatal after the grace
+    period, named, and not retried despite max_failures=2."""
+    pid_dir, never = tmp_path / "pids", tmp_path / "volume" / "never.arrow"
+    proc, _ = ray_train(tmp_path, tiny_model_dir, synthetic_data_dir, "never", "checkpoint.export=false",
+                        env={**ray_cluster, "DOLLY_TEST_LATE_FILE": f"0:data load:{never}",
+                             "DOLLY_MISSING_FILE_GRACE_S": "2", "DOLLY_PID_DIR": str(pid_dir)})
+    err = proc.stderr
+    assert proc.returncode == 1, proc.stdout[-3000:] + err[-3000:]
+    assert "rank 0: missing file (not retried: still missing 2 s later)" in err and str(never) in err, err[-3000:]
+    assert len(starts(pid_dir)) == 2, starts(pid_dir)
+
+
+def test_one_stalled_collective_is_retried_from_the_checkpoint(tmp_path, tiny_model_dir, synthetic_data_dir,
+                                                               ray_cluster):
+    """Rank 1 blocks in torch.distributed in step 3 (once), so both ranks wait in a collective until the watchdog
+    fires (step_s=30). Before: every watchdog timeout was fatal. Now: Ray Train restarts the workers from
+    checkpoint 2 and the run finishes; no step is lost or logged twice."""
+    pid_dir, marker = tmp_path / "pids", tmp_path / "stalled-once"
+    proc, _ = ray_train(tmp_path, tiny_model_dir, synthetic_data_dir, "stall1", "watchdog.step_s=30",
+                        "checkpoint.export=false",
+                        env={**ray_cluster, "DOLLY_TEST_STALL_COLLECTIVE": f"1:optimizer step 3:{marker}",
+                             "DOLLY_PID_DIR": str(pid_dir)}, timeout=500)
+    out = proc.stdout + proc.stderr
+    assert marker.exists(), "rank 1 never stalled"
+    assert proc.returncode == 0, out[-4000:]
+    assert "in phase 'optimizer step 3' (limit 30 s" in out and "It waits in a collective" in out, out[-4000:]
+    assert len(starts(pid_dir)) == 4, starts(pid_dir)  # one restart
+    assert re.search(r"resumed from \S+checkpoint_00000002 at step 2", out), out[-4000:]
+    assert [r["step"] for r in train_rows(tmp_path / "stall1")] == [1, 2, 3, 4]

@@ -50,6 +50,9 @@ class LocalContext:
     def report(self, metrics: dict, checkpoint: Path | None = None) -> None:
         pass
 
+    def release_checkpoint(self) -> None:
+        pass  # read in place: nothing was downloaded
+
 
 class RayContext:
     """Ray Train V2 worker: rank/world from the train context, checkpoints through `ray.train.report`."""
@@ -64,6 +67,7 @@ class RayContext:
         self.local_rank = ctx.get_local_rank()
         self.run_dir = Path(cfg.run_dir()) if not cfg.is_remote_storage else None
         self._pending: Any = None
+        self._download: Path | None = None  # object storage: the local copy of the checkpoint resumed from
 
     def latest_checkpoint(self):
         if self.run_dir is not None:
@@ -79,9 +83,20 @@ class RayContext:
         ckpt = self._train.get_checkpoint()
         if ckpt is None:
             return None
-        path = Path(ckpt.to_directory())  # object storage: download
+        # Object storage: download into a scratch dir of our own (Ray's default is a new /tmp folder per call
+        # that nobody removes: a 7B ZeRO-3 checkpoint is ~100 GB per restart); `release_checkpoint` removes it.
+        self.release_checkpoint()
+        self._download = Path(tempfile.mkdtemp(prefix="dolly-resume-"))
+        path = Path(ckpt.to_directory(str(self._download)))
         checkpointing.verify(path)
         return path
+
+    def release_checkpoint(self) -> None:
+        """Remove the local copy of a checkpoint downloaded from object storage (after the resume, or when the
+        worker fails)."""
+        if self._download is not None:
+            shutil.rmtree(self._download, ignore_errors=True)
+            self._download = None
 
     @contextlib.contextmanager
     def checkpoint_dir(self, name: str) -> Iterator[Path]:

@@ -10,11 +10,24 @@ running in the controller, raises as soon as a worker reports one. Ray Train wra
 callback into a `ControllerError` that its failure policy does not retry: the run ends with the product's
 message. Worker deaths (`RayActorError`, a node lost, a process killed) never pass through `classify` and stay
 retryable.
+
+Decided per case, by whether a restart would meet the same condition:
+- a missing file (`FileNotFoundError`) is retried when the file is there by the time the error is classified
+  (waited for up to `MISSING_FILE_GRACE_S`: a network volume or an object-store mount that shows a new file late,
+  a file another job is still moving into place); still missing, it is fatal (a wrong model or data path, a
+  model dir absent at start), and a missing file the error does not name is fatal too;
+- a watchdog timeout (`trainer.watchdog.PhaseTimeout`) is retried when the stuck thread waits in a collective (one
+  rank stalled, a network blip: a restart forms a new process group) and fatal otherwise (a stale build lock, a
+  hung read, a stuck phase of our own code); a collective that stalls on every attempt is retried
+  `checkpoint.max_failures` times at most;
+- out of memory, a full disk, a config error and an import error are always fatal.
 """
 
 from __future__ import annotations
 
 import errno
+import os
+import time
 
 
 OOM_HINT = (
@@ -22,6 +35,11 @@ OOM_HINT = (
     "batch.micro_batch_size (raise batch.gradient_accumulation_steps to keep the global batch), "
     "deepspeed.stage=3, deepspeed.offload_optimizer=true, deepspeed.offload_params=true, more workers."
 )
+
+
+# How long `classify` waits for a missing file to show up before calling the error fatal (the environment variable
+# is for tests and for volumes known to be slower).
+MISSING_FILE_GRACE_S = float(os.environ.get("DOLLY_MISSING_FILE_GRACE_S", "30"))
 
 
 class FatalError(RuntimeError):
@@ -34,10 +52,21 @@ class RunAborted(RuntimeError):
     """Raised in the Ray Train controller: a worker reported a `FatalError`."""
 
 
-def classify(exc: BaseException) -> FatalError | None:
+def appears(path: str, grace_s: float) -> bool:
+    """Whether `path` exists now or within `grace_s` seconds."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        if os.path.exists(path):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.25)
+
+
+def classify(exc: BaseException, missing_file_grace_s: float | None = None) -> FatalError | None:
     """A `FatalError` for an exception a restart would repeat, else None (Ray Train may retry)."""
     if isinstance(exc, FatalError):
-        return exc
+        return exc if is_fatal(exc) else None
     from trainer.config import ConfigError
 
     try:
@@ -55,7 +84,10 @@ def classify(exc: BaseException) -> FatalError | None:
     if isinstance(exc, ConfigError):
         return FatalError(f"config error (not retried): {exc}")
     if isinstance(exc, FileNotFoundError):
-        return FatalError(f"missing file (not retried): {exc}")
+        grace = MISSING_FILE_GRACE_S if missing_file_grace_s is None else missing_file_grace_s
+        if exc.filename and appears(os.fsdecode(exc.filename), grace):
+            return None  # there now: a restart finds it
+        return FatalError(f"missing file (not retried: still missing {grace:.0f} s later): {exc}")
     if isinstance(exc, ImportError):
         return FatalError(f"import error (not retried; check the image's packages): {exc}")
     return None

@@ -15,12 +15,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
+import shutil
 import sys
 import threading
 import uuid
 from pathlib import Path
 
-from trainer import checkpointing
+from trainer import checkpointing, storage
 from trainer import config as config_mod
 from trainer.config import ConfigError, TrainConfig
 from trainer.failures import FatalError, classify, root_cause, stop_on_fatal_callback
@@ -29,8 +31,29 @@ from trainer.quiet import quiet_output
 
 log = get_logger(__name__)
 
-# Environment the workers need to see (HF offline mode, test hooks) when Ray starts them elsewhere.
-PROPAGATED_ENV_PREFIXES = ("HF_", "DOLLY_", "TRANSFORMERS_", "NCCL_", "DS_", "TOKENIZERS_", "PYTORCH_", "TORCH_EXTENSIONS_")
+# Environment the workers need to see (HF offline mode, test hooks, the object-store endpoint) when Ray starts
+# them elsewhere. It travels in the workers' Ray runtime env ...
+PROPAGATED_ENV_PREFIXES = ("HF_", "DOLLY_", "TRANSFORMERS_", "NCCL_", "DS_", "TOKENIZERS_", "PYTORCH_",
+                           "TORCH_EXTENSIONS_", "AWS_", "GOOGLE_")
+# ... which the Ray dashboard, `ray list actors --detail`, the job/actor tables in the GCS and Ray's logs show to
+# anyone who can reach the cluster. So a name that looks like a credential (HF_TOKEN, RAY_AUTH_TOKEN,
+# AWS_SECRET_ACCESS_KEY, AWS_ACCESS_KEY_ID, AWS_SESSION_TOKEN, ...) never goes there, whatever its prefix: the
+# workers read those from their own process environment (KubeRay: the pod's env, secretKeyRef / envFrom;
+# the in-process local cluster: inherited from this process) or from a file whose path may travel
+# (AWS_SHARED_CREDENTIALS_FILE, GOOGLE_APPLICATION_CREDENTIALS, HF_TOKEN_PATH).
+SECRET_ENV = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?|API_?KEY|ACCESS_KEY|PRIVATE_KEY|AUTH"
+                        r"|SIGNATURE)(_|$)", re.IGNORECASE)
+SECRET_FILE_POINTERS = frozenset({"AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "GOOGLE_APPLICATION_CREDENTIALS",
+                                  "HF_TOKEN_PATH"})
+
+
+def is_secret_name(name: str) -> bool:
+    return name not in SECRET_FILE_POINTERS and bool(SECRET_ENV.search(name))
+
+
+def worker_env(environ) -> dict[str, str]:
+    """The variables the workers' Ray runtime env carries: the propagated prefixes, no secret-looking name."""
+    return {k: v for k, v in environ.items() if k.startswith(PROPAGATED_ENV_PREFIXES) and not is_secret_name(k)}
 
 # Ray Train V2's defaults suit long multi-node runs; a variable set by the user wins (docs/benchmarks.md,
 # "fixed costs", has the before/after figures).
@@ -163,16 +186,20 @@ def train_loop_per_worker(config_dict: dict) -> None:
         with open(Path(pid_dir) / "starts.log", "a") as fh:  # one line per worker start: restarts are visible
             fh.write(f"rank{ctx.rank} {os.getpid()}\n")
     recipe = FullFinetuneRecipe(cfg, ctx)
+    scratch = None
     try:
         recipe.setup()
+        ctx.release_checkpoint()  # resumed: a checkpoint downloaded from object storage is no longer needed
         recipe.train()
         if cfg.checkpoint.export:
-            export_dir = Path(cfg.run_dir()) / "export" if not cfg.is_remote_storage else Path("/tmp") / cfg.checkpoint.run_name / "export"
+            if cfg.is_remote_storage:  # written locally, then uploaded
+                scratch = storage.scratch_dir("export")
+                export_dir = scratch / "export"
+            else:
+                export_dir = Path(cfg.run_dir()) / "export"
             out = recipe.export(export_dir)
             if out is not None and cfg.is_remote_storage:
-                import pyarrow.fs
-
-                pyarrow.fs.copy_files(str(out), f"{cfg.run_dir()}/export")
+                storage.upload_dir(out, f"{cfg.run_dir()}/export")
             if out is not None:
                 log.info(f"exported Hugging Face model to {cfg.run_dir()}/export")
     except Exception as e:
@@ -184,6 +211,9 @@ def train_loop_per_worker(config_dict: dict) -> None:
         raise
     finally:
         recipe.cleanup()
+        ctx.release_checkpoint()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def run_training(cfg: TrainConfig) -> object:
@@ -206,15 +236,27 @@ def run_training(cfg: TrainConfig) -> object:
         else:
             ray.init()
         importer.join()
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     check_cluster_resources(cfg)
     if not cfg.is_remote_storage:  # <run>/config.yaml + config_history.jsonl (checked by preflight)
         checkpointing.record_config(Path(cfg.run_dir()), cfg.to_dict(), check_resume_config(cfg))
+    else:  # the same two files, kept in the bucket (the workers check the resume against the checkpoint)
+        try:
+            storage.record_config(cfg.run_dir(), cfg.to_dict())
+        except OSError as e:
+            raise PreflightError(f"checkpoint.storage_path: cannot write to {cfg.run_dir()}: {e}") from e
+    return make_trainer(cfg).fit()
+
+
+def make_trainer(cfg: TrainConfig):
+    """The run's `TorchTrainer` (Ray need not be initialized yet; `fit()` starts the run)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     s = cfg.scaling
-    env = {k: v for k, v in os.environ.items() if k.startswith(PROPAGATED_ENV_PREFIXES)}
-    trainer = TorchTrainer(
+    withheld = sorted(k for k in os.environ if k.startswith(PROPAGATED_ENV_PREFIXES) and is_secret_name(k))
+    if withheld:  # names only; the workers read the values from their own environment (see SECRET_ENV)
+        log.info(f"not passed through Ray's runtime env (secrets): {', '.join(withheld)}")
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
         # The process group's timeout (NCCL or gloo; init and every collective): explicit, from the config.
@@ -230,10 +272,9 @@ def run_training(cfg: TrainConfig) -> object:
             failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
             callbacks=[stop_on_fatal_callback()],  # a FatalError from a worker is not retried
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
-            worker_runtime_env={"env_vars": env},
+            worker_runtime_env={"env_vars": worker_env(os.environ)},
         ),
     )
-    return trainer.fit()
 
 
 # ---- CLI --------------------------------------------------------------------------------------
@@ -281,8 +322,12 @@ def run_train(args) -> int:
         if args.verbose:
             result = run_training(cfg)
         else:
-            with quiet_output(train_log_path(cfg)):
-                result = run_training(cfg)
+            log_path = train_log_path(cfg)
+            try:
+                with quiet_output(log_path):
+                    result = run_training(cfg)
+            finally:
+                upload_log(cfg, log_path)
     except (ConfigError, PreflightError) as e:
         print(f"dolly-train train: {e}", file=sys.stderr)
         return 2
@@ -296,6 +341,21 @@ def run_train(args) -> int:
         return 1
     log.info(f"done: run dir {cfg.run_dir()}")
     return 0
+
+
+def upload_log(cfg: TrainConfig, log_path: Path) -> None:
+    """Object storage: the run's log goes to <run>/logs/ (on a filesystem it was written there) and its local
+    copy is removed; a failed upload leaves it where it is, saying so."""
+    if not cfg.is_remote_storage or not log_path.is_file():
+        return
+    uri = f"{cfg.run_dir()}/logs/{log_path.name}"
+    try:
+        storage.upload_file(log_path, uri)
+    except OSError as e:
+        print(f"dolly-train train: could not upload the log to {uri}: {e}; it stays at {log_path}", file=sys.stderr)
+        return
+    log_path.unlink()
+    log.info(f"log: {uri}")
 
 
 def train_log_path(cfg: TrainConfig) -> Path:

@@ -11,8 +11,9 @@ builds a `PhaseTimeout` that names the phase, the rank, the elapsed time and the
 
 - in a Ray Train worker, by handing the error to Ray Train's training-thread runner (the same queue Ray uses to
   fail a worker from its checkpoint-upload thread), so the controller sees a worker error at its next poll
-  (a few seconds) even though the training thread is still blocked, stops the run (the error is a
-  `FatalError`, see trainer/failures.py) and kills the workers;
+  (a few seconds) even though the training thread is still blocked, and kills the workers; it stops the run
+  (a fatal `PhaseTimeout`, see trainer/failures.py) unless the stuck thread waits in a collective
+  (`in_collective`): a stalled peer or network blip, which Ray Train retries from the latest checkpoint;
 - without Ray (world size 1), by raising the error asynchronously in the training thread;
 - and, if the process is somehow still stuck `exit_after_s` later, by exiting the process (code 70).
 
@@ -39,7 +40,21 @@ log = get_logger(__name__)
 
 
 class PhaseTimeout(FatalError):
-    """A worker phase ran past its time limit."""
+    """A worker phase ran past its time limit. Fatal unless `retryable` (the stuck thread waits in a collective)."""
+
+    def __init__(self, message: str, retryable: bool = False):
+        super().__init__(message)
+        self.dolly_fatal = not retryable
+
+
+# Frames of a thread blocked in a collective: torch.distributed's calls and DeepSpeed's comm wrappers around them.
+COLLECTIVE_FRAMES = ("torch/distributed/distributed_c10d.py", "torch/distributed/c10d_logger.py", "deepspeed/comm/")
+
+
+def in_collective(stack: str) -> bool:
+    """Whether the innermost frames of `stack` (traceback.format_stack text) are a torch.distributed collective."""
+    files = [line.split('"')[1] for line in stack.splitlines() if line.strip().startswith('File "')]
+    return any(marker in f for f in files[-4:] for marker in COLLECTIVE_FRAMES)
 
 
 def weights_gb(model_path: str) -> float:
@@ -135,17 +150,22 @@ class Watchdog:
     def _timeout_error(self, name: str, elapsed: float, limit: float, thread: threading.Thread) -> PhaseTimeout:
         frame = sys._current_frames().get(thread.ident)
         stack = "".join(traceback.format_stack(frame)) if frame is not None else "(no Python frame)\n"
+        hint = _lock_hint(stack)
+        retryable = not hint and in_collective(stack)
+        verdict = (" It waits in a collective (a stalled peer or network): Ray Train restarts the workers from the "
+                   "latest checkpoint (checkpoint.max_failures)." if retryable else " Not retried.")
         return PhaseTimeout(
             f"watchdog: rank {self.rank} spent {elapsed:.0f} s in phase '{name}' (limit {limit:.0f} s; "
-            f"watchdog.setup_s / watchdog.step_s set the limits).{_lock_hint(stack)}\n"
-            f"Stack of the stuck thread ({thread.name}):\n{stack}")
+            f"watchdog.setup_s / watchdog.step_s set the limits).{hint}{verdict}\n"
+            f"Stack of the stuck thread ({thread.name}):\n{stack}", retryable=retryable)
 
     def _fail(self, err: PhaseTimeout, thread: threading.Thread) -> None:
         if _hand_to_ray_train(err):
             return
         # No Ray: raise in the training thread at its next Python bytecode (a C call blocks it until it returns).
-        message = str(err)
-        exc_type = type("PhaseTimeout", (PhaseTimeout,), {"__init__": lambda self, *a: PhaseTimeout.__init__(self, message)})
+        message, retryable = str(err), not err.dolly_fatal
+        exc_type = type("PhaseTimeout", (PhaseTimeout,),
+                        {"__init__": lambda self, *a: PhaseTimeout.__init__(self, message, retryable)})
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(exc_type))
 
 

@@ -5,7 +5,8 @@
     dolly-train prepare --source jsonl --path dolly.jsonl --skip-invalid --config prepare.yaml ...
 
 Steps: read the source -> validate each record (DataError naming file, line and field; `--skip-invalid`
-counts and skips instead) -> drop duplicates (same content = same id) -> stratified split -> tokenize with
+counts and skips instead) -> drop duplicates (same content = same id) -> stratified split that keeps
+near-duplicates (same instruction + context up to case and whitespace) together -> tokenize with
 `trainer.prompt.PromptEncoder` -> drop train/validation examples longer than `--max-length` (counted per
 split) -> write everything into a temp dir that replaces `--out` in one rename. The output format is
 docs/CONTRACTS.md's "Prepared data dir".
@@ -26,7 +27,7 @@ import yaml
 
 from trainer.atomic import atomic_dir
 from trainer.data.records import SOURCES, DataError, Raw, read_hub, read_jsonl, record_id, validate
-from trainer.data.split import SPLITS, split_records
+from trainer.data.split import SPLITS, near_duplicate_groups, split_records
 from trainer.data.synthetic import read_synthetic
 from trainer.log import datasets_progress_bars, get_logger
 from trainer.prompt import PromptEncoder
@@ -194,6 +195,10 @@ def prepare(source: str, out, tokenizer, max_length: int, path=None, num_example
     log.info("read %d unique valid records from %s%s", len(records), source, f" ({path})" if path else "")
     splits, encoded, dropped, test_over = split_then_cap(records, encoder, max_length, seed, val_size, test_size)
     too_long = sum(dropped.values())
+    multi = [g for g in near_duplicate_groups(records) if len(g) > 1]
+    if multi:
+        log.info("kept %d near-duplicate groups (%d records: same instruction + context, other responses) each "
+                 "within one split", len(multi), sum(map(len, multi)))
 
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -208,6 +213,8 @@ def prepare(source: str, out, tokenizer, max_length: int, path=None, num_example
         "dropped_too_long": too_long,
         "dropped_too_long_by_split": dropped,
         "test_longer_than_max_length": test_over,
+        # records sharing instruction + context (case-folded, whitespace collapsed): each group is in one split
+        "near_duplicates": {"groups": len(multi), "records": sum(map(len, multi))},
     }
     if source == "synthetic":
         manifest["synthetic_profile"] = profile

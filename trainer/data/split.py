@@ -1,12 +1,22 @@
-"""Deterministic, category-stratified train/validation/test split.
+"""Deterministic, category-stratified train/validation/test split that never separates near-duplicates.
 
-Records are ordered by id (so the input order does not matter), shuffled per category with the seed, and the
-held-out sizes are shared out over the categories by largest remainder: each category gets its share of
-validation and test as far as its count allows, and the split is the same for the same records and seed.
+De-duplication (`trainer.data.prepare.collect`) drops exact copies only. Crowd-written data repeats popular
+questions: one instruction (+ context) with two different responses is two records, and if one sat in train and
+the other in test, the test would score a prompt the model was trained on. So records are first grouped by
+`group_key` (instruction and context, case-folded, whitespace collapsed), and a group moves as a whole.
+
+Groups are ordered by their smallest id (so the input order does not matter), shuffled per category with the
+seed (a group counts under the category of its smallest-id record), and the held-out sizes are shared out over
+the categories by largest remainder: each category gets its share of validation and test as far as its count
+allows. Within a category, groups fill test, then validation, in shuffled order, each taking a group only while
+it fits the category's share; a group larger than what is left stays in train. With no near-duplicates this is
+exactly the per-record split; with them a held-out split can come out a record or two short of its size. The
+split is the same for the same records and seed.
 """
 
 from __future__ import annotations
 
+import json
 import random
 
 from trainer.data.records import DataError
@@ -38,9 +48,27 @@ def allocate(total: int, capacity: dict[str, int]) -> dict[str, int]:
     return out
 
 
+def _normalize(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def group_key(record: dict) -> str:
+    """What makes two records near-duplicates: the same instruction and context up to case and whitespace."""
+    return json.dumps([_normalize(record["instruction"]), _normalize(record.get("context", ""))], ensure_ascii=False)
+
+
+def near_duplicate_groups(records: list[dict]) -> list[list[dict]]:
+    """Records grouped by `group_key`, each group sorted by id, groups ordered by their first id."""
+    groups: dict[str, list[dict]] = {}
+    for r in sorted(records, key=lambda r: r["id"]):
+        groups.setdefault(group_key(r), []).append(r)
+    return sorted(groups.values(), key=lambda g: g[0]["id"])
+
+
 def split_records(records: list[dict], seed: int, val_size: int | None = None,
                   test_size: int | None = None) -> dict[str, list[dict]]:
-    """records (each with `id` and `category`) -> {"train": [...], "validation": [...], "test": [...]}."""
+    """records (each with `id`, `category`, `instruction`, `context`) -> {"train": [...], "validation": [...],
+    "test": [...]}; records sharing a `group_key` always land in the same split."""
     n = len(records)
     if n < 3 and (val_size is None or test_size is None):
         raise DataError(
@@ -56,15 +84,16 @@ def split_records(records: list[dict], seed: int, val_size: int | None = None,
             f"val_size {val_size} + test_size {test_size} leaves no training records out of {n} usable records",
             "split",
         )
-    groups: dict[str, list[dict]] = {}
-    for r in sorted(records, key=lambda r: r["id"]):
-        groups.setdefault(r["category"], []).append(r)
-    for category, group in groups.items():
-        random.Random(f"{seed}:{category}").shuffle(group)
+    # category -> its near-duplicate groups (lists of records), shuffled
+    groups: dict[str, list[list[dict]]] = {}
+    for g in near_duplicate_groups(records):
+        groups.setdefault(g[0]["category"], []).append(g)
+    for category, units in groups.items():
+        random.Random(f"{seed}:{category}").shuffle(units)
 
     # Hold out at most all-but-one record per category first, so that training sees every category, and
     # only then (tiny inputs) the last records of some categories.
-    sizes = {c: len(g) for c, g in groups.items()}
+    sizes = {c: sum(len(g) for g in units) for c, units in groups.items()}
     room = {c: k - 1 for c, k in sizes.items()}
     held = allocate(min(val_size + test_size, sum(room.values())), room)
     extra = allocate(val_size + test_size - sum(held.values()), {c: sizes[c] - held[c] for c in groups})
@@ -72,10 +101,19 @@ def split_records(records: list[dict], seed: int, val_size: int | None = None,
     test_k = allocate(test_size, held)
     val_k = {c: held[c] - test_k[c] for c in groups}
     out = {s: [] for s in SPLITS}
-    for c, group in groups.items():
-        out["test"] += group[: test_k[c]]
-        out["validation"] += group[test_k[c] : test_k[c] + val_k[c]]
-        out["train"] += group[test_k[c] + val_k[c] :]
+    for c, units in groups.items():
+        room = {"test": test_k[c], "validation": val_k[c]}
+        for g in units:
+            name = next((s for s in ("test", "validation") if len(g) <= room[s]), "train")
+            if name != "train":
+                room[name] -= len(g)
+            out[name] += g
+    for name, size in (("validation", val_size), ("test", test_size)):
+        if size and not out[name]:
+            raise DataError(
+                f"{name}: {size} records requested, but every near-duplicate group (records sharing instruction + "
+                f"context) is larger than its share, so none fits: {n} records in {sum(map(len, groups.values()))} "
+                f"groups. Add records or raise --val-size / --test-size", "split")
     for name in SPLITS:  # interleave categories, deterministically
         out[name].sort(key=lambda r: r["id"])
         random.Random(f"{seed}:{name}").shuffle(out[name])
