@@ -280,3 +280,30 @@ def test_policy_follows_progress_and_its_switch(objs):
                  ["--set", "mode=raycluster"]):
         kinds = {o["kind"] for o in render(*args)}
         assert not kinds & {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}, args
+
+
+def _by_kind(objs: list[dict]) -> list[dict]:
+    return sorted(objs, key=lambda o: (o["kind"], o["metadata"]["name"]))
+
+
+@pytest.mark.parametrize("values_file", ["values.yaml", "values-cpu-smoke.yaml", "values-gpu-8x.yaml",
+                                         "values-gpu-offload.yaml"])
+def test_a_policy_only_release_renders_the_same_policy_and_nothing_else(values_file):
+    """progress.admissionPolicyOnly (the Argo CD platform project's release): exactly the two policy objects the
+    one-release rendering holds, byte for byte, and the workload release with admissionPolicy=false holds all the
+    rest - together they are the one-release rendering."""
+    def render_with(*args: str) -> list[dict]:
+        res = subprocess.run([kv.tool("helm"), "template", "dolly-train", str(CHART), "--namespace", NS,
+                              "--kube-version", "1.30", "-f", str(CHART / values_file), *args],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        return [o for o in yaml.safe_load_all(res.stdout) if o]
+
+    whole = render_with()
+    policy = [o for o in whole if o["kind"].startswith("ValidatingAdmissionPolicy")]
+    assert len(policy) == 2
+    only = render_with("--set", "progress.admissionPolicyOnly=true")
+    assert _by_kind(only) == _by_kind(policy)
+    rest = render_with("--set", "progress.admissionPolicy=false")
+    assert _by_kind(rest + only) == _by_kind(whole)
+

@@ -71,10 +71,12 @@ def test_validation_catches_a_misspelled_field(argo_crds):
 def test_sync_waves_operator_then_volume_then_dolly_train():
     a = apps()
     assert set(a) == {"dolly-train-root", "kuberay-crds", "kuberay-operator", "dolly-train-namespace",
-                      "dolly-train-storage", "dolly-train"}
+                      "dolly-train-progress-policy", "dolly-train-storage", "dolly-train"}
     assert wave(a["kuberay-crds"]) < wave(a["kuberay-operator"]) < wave(a["dolly-train-storage"]) < wave(a["dolly-train"])
     # The namespace exists before the volume and the chart (neither project of theirs may create it).
     assert wave(a["dolly-train-namespace"]) < wave(a["dolly-train-storage"])
+    # The progress admission policy: after the RayJob CRD its CEL is type-checked against, before the RayJob.
+    assert wave(a["kuberay-crds"]) < wave(a["dolly-train-progress-policy"]) < wave(a["dolly-train"])
     (ns,) = [d for _, d in argo_objects() if d["kind"] == "Namespace"]
     assert ns["metadata"]["name"] == a["dolly-train"]["spec"]["destination"]["namespace"]
     assert set(ns["metadata"]["annotations"]["argocd.argoproj.io/sync-options"].split(",")) == {"Prune=false", "Delete=false"}

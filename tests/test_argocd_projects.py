@@ -17,6 +17,7 @@ import fnmatch
 import subprocess
 from pathlib import Path
 
+import celpy
 import pytest
 import yaml
 
@@ -115,7 +116,10 @@ def render_source(app: dict, src: dict, ref_roots: dict[str, Path], tmp: Path) -
                 files.append(ref_roots[ref] / rest)
             else:
                 files.append(path / vf)
-        return _helm(path, helm.get("releaseName") or app["metadata"]["name"], ns, files, helm.get("valuesObject"), tmp)
+        # helm.namespace: the namespace to template with (Argo CD: "If left empty, defaults to the app's destination
+        # namespace"); objects still land in the destination.
+        return _helm(path, helm.get("releaseName") or app["metadata"]["name"], helm.get("namespace") or ns, files,
+                     helm.get("valuesObject"), tmp)
     if (path / "kustomization.yaml").is_file():
         res = subprocess.run([tool("kubectl"), "kustomize", str(path)], capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stderr
@@ -244,8 +248,8 @@ def test_every_rendered_object_is_permitted_by_its_project_and_nothing_else_is(t
     assert set(projs) == {ROOT_PROJECT, WORKLOAD_PROJECT, PLATFORM_PROJECT}
     assert {a["metadata"]["name"]: a["spec"]["project"] for a in apps} == {
         "dolly-train-root": ROOT_PROJECT, "kuberay-crds": PLATFORM_PROJECT, "kuberay-operator": PLATFORM_PROJECT,
-        "dolly-train-namespace": PLATFORM_PROJECT, "dolly-train-storage": WORKLOAD_PROJECT,
-        "dolly-train": WORKLOAD_PROJECT}
+        "dolly-train-namespace": PLATFORM_PROJECT, "dolly-train-progress-policy": PLATFORM_PROJECT,
+        "dolly-train-storage": WORKLOAD_PROJECT, "dolly-train": WORKLOAD_PROJECT}
     # The renders are real: the chart's RayJob and staging Job, the operator's ClusterRole, the four CRDs.
     kinds = {a: {o["kind"] for o in objs} for a, objs in rendered.items()}
     assert {"RayJob", "Job", "ConfigMap", "NetworkPolicy", "Role"} <= kinds["dolly-train"]
@@ -326,3 +330,80 @@ def test_a_cluster_scoped_policy_object_in_the_chart_is_rejected_for_the_workloa
            "metadata": {"name": "dolly-train-progress"}}
     extra["dolly-train"] = rendered["dolly-train"] + [vap]
     assert any("ValidatingAdmissionPolicy" in p for p in all_problems(projs, apps, extra))
+
+
+POLICY_KINDS = [("admissionregistration.k8s.io", "ValidatingAdmissionPolicy"),
+                ("admissionregistration.k8s.io", "ValidatingAdmissionPolicyBinding")]
+
+
+def test_the_progress_policy_comes_from_the_platform_project_as_the_workloads_chart_renders_it(tree, tmp_path):
+    """The chart's progress admission policy is cluster-scoped: the workload Application renders it off, and the
+    platform project's dolly-train-progress-policy renders exactly it - the two objects the workload Application's
+    own rendering holds with the policy switched on (so no copy can drift), naming the service account the
+    workload's RayJob workers run as and the workload's namespace - and the platform project allows those two
+    objects by name, nothing wider."""
+    projs, apps, rendered = tree
+    by_name = {a["metadata"]["name"]: a for a in apps}
+    workload, policy_app = by_name["dolly-train"], by_name["dolly-train-progress-policy"]
+    assert policy_app["spec"]["project"] == PLATFORM_PROJECT
+    got = rendered["dolly-train-progress-policy"]
+    assert sorted(group_kind(o) for o in got) == POLICY_KINDS
+    assert not any(group_kind(o) in POLICY_KINDS for o in rendered["dolly-train"])
+
+    # The oracle: the workload Application itself, rendered with the policy on (one release, as `helm install`).
+    one_release = copy.deepcopy(workload)
+    chart = next(s for s in sources(one_release) if s.get("path") == "charts/dolly-train")
+    assert "valuesObject" not in chart["helm"]
+    chart["helm"]["valuesObject"] = {"progress": {"admissionPolicy": True}}
+    whole = render_app(one_release, tmp_path)
+    expected = [o for o in whole if group_kind(o) in POLICY_KINDS]
+    key = lambda o: o["kind"]  # noqa: E731
+    assert sorted(got, key=key) == sorted(expected, key=key)
+    # Only the policy moved: the rest of that rendering is what the workload Application renders.
+    assert [o for o in whole if group_kind(o) not in POLICY_KINDS] == rendered["dolly-train"]
+
+    # Independently of the chart's helpers: the policy matches the account the workers run as, in the namespace the
+    # workload lands in, and only there; its scope is the RayJobs of that namespace and nothing else.
+    ns = workload["spec"]["destination"]["namespace"]
+    rayjob = next(o for o in rendered["dolly-train"] if o["kind"] == "RayJob")
+    (sa,) = {g["template"]["spec"]["serviceAccountName"] for g in rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
+    assert any(o["kind"] == "ServiceAccount" and o["metadata"]["name"] == sa and o["metadata"]["namespace"] == ns
+               for o in rendered["dolly-train"])
+    policy = next(o for o in got if o["kind"] == "ValidatingAdmissionPolicy")
+    binding = next(o for o in got if o["kind"] == "ValidatingAdmissionPolicyBinding")
+    env = celpy.Environment()
+
+    def matches(username: str) -> bool:
+        act = {"request": celpy.json_to_cel({"userInfo": {"username": username}})}
+        return all(env.program(env.compile(c["expression"])).evaluate(act) for c in policy["spec"]["matchConditions"])
+
+    assert matches(f"system:serviceaccount:{ns}:{sa}")
+    assert not matches(f"system:serviceaccount:kuberay-system:{sa}") and not matches(f"system:serviceaccount:{ns}:default")
+    assert {(g, r) for rule in policy["spec"]["matchConstraints"]["resourceRules"]
+            for g in rule["apiGroups"] for r in rule["resources"]} == {("ray.io", "rayjobs")}
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    assert binding["spec"]["matchResources"] == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}}
+
+    # The platform project: exactly these two objects, each by its exact name (no glob).
+    entries = [e for e in projs[PLATFORM_PROJECT]["spec"]["clusterResourceWhitelist"]
+               if e["group"] == "admissionregistration.k8s.io"]
+    assert sorted((e["group"], e["kind"], e.get("name")) for e in entries) == sorted(
+        (*group_kind(o), o["metadata"]["name"]) for o in got)
+    # And it is in place before the workload's RayJob can start a trainer.
+    wave = lambda a: int(a["metadata"]["annotations"]["argocd.argoproj.io/sync-wave"])  # noqa: E731
+    assert wave(policy_app) < wave(workload)
+
+
+def test_the_policy_app_breaks_when_its_rendering_leaves_the_workloads(tree, tmp_path):
+    """The checks above are not vacuous: a policy app templating another namespace or release names another account
+    and other objects, which the platform project refuses (its entries are by name) - so a drift fails review."""
+    projs, apps, rendered = tree
+    for field, value in (("namespace", "kuberay-system"), ("releaseName", "dolly-train-policy")):
+        bad_apps = copy.deepcopy(apps)
+        app = next(a for a in bad_apps if a["metadata"]["name"] == "dolly-train-progress-policy")
+        next(s for s in sources(app) if s.get("path") == "charts/dolly-train")["helm"][field] = value
+        bad = dict(rendered, **{"dolly-train-progress-policy": render_app(app, tmp_path)})
+        problems = all_problems(projs, bad_apps, bad)
+        assert any("ValidatingAdmissionPolicy/" in p and "not in clusterResourceWhitelist" in p for p in problems), field
+

@@ -243,6 +243,21 @@ Returns YAML: {groups: [{groupName, replicas, gpusPerPod, ...}, ...]}.
 {{- end }}
 
 {{/*
+"true" unless progress.admissionPolicyOnly: then the release renders the admission policy (admission-policy.yaml)
+and nothing else - a second release of the same chart with the same values, installed by whoever may create
+cluster-scoped objects (under Argo CD the platform project's dolly-train-progress-policy Application), while the
+workload release sets progress.admissionPolicy: false. Every other template is gated on this.
+*/}}
+{{- define "dolly-train.workloadOn" -}}
+{{- not .Values.progress.admissionPolicyOnly }}
+{{- end }}
+
+{{/* Name of the progress ValidatingAdmissionPolicy and its Binding: cluster-scoped, so namespace and release in it. */}}
+{{- define "dolly-train.admissionPolicyName" -}}
+{{- printf "%s.%s.progress-only.dolly-train.dev" (include "dolly-train.fullname" .) .Release.Namespace }}
+{{- end }}
+
+{{/*
 The workers' preStop hook (preemption.preStop): dict "root" $ "grace" <terminationGracePeriodSeconds>.
 The kubelet runs it before it sends SIGTERM to the container's PID 1 (KubeRay's `ray start --block`, whose own
 SIGTERM handler drains the node and stops the raylet: the training processes would die without saving). Every
