@@ -147,7 +147,8 @@ COUNT = textwrap.dedent(
                                   f"checkpoint.storage_path={out}/{stage}", "scaling.num_workers=1",
                                   "schedule.max_steps=1", f"deepspeed.stage={stage}",
                                   "deepspeed.offload_optimizer=true", "batch.gradient_accumulation_steps=2",
-                                  "checkpoint.run_name=host-memory"])
+                                  "checkpoint.run_name=host-memory",
+                                  "watchdog.setup_s=3600"])  # the first run JIT-builds cpu_adam (minutes here)
         if stage == 2:
             ds_ops.prepare(cfg)  # as the recipe does, but before the process group: no shm op build
             deepspeed.init_distributed(dist_backend="gloo")
