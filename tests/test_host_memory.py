@@ -100,11 +100,12 @@ def test_the_offload_preset_counts_its_node_and_fits_the_charts_request(no_limit
     (no_limit_env / "memory.max").write_text(f"{int(request[:-2]) * GIB}\n")  # the pod's limit = the request
     est = check_host_memory(cfg, shapes_7b, workers)
     assert est.ranks_on_node == ranks
-    # 7.25B fp32 master weights in 1e9-element sub-groups, one fp32 gradient buffer per rank, 8 B/param of moments
+    # 7.25B fp32 master weights and fp32 gradients in 1e9-element sub-groups, one bf16 flat gradient buffer per
+    # rank, 8 B/param of moments
     per_rank = 7_248_023_552 / 4
     master = pinned(4e9) + pinned(4 * (per_rank - 1e9))
     assert est.master_gib * GIB == ranks * master
-    assert est.gradients_gib * GIB == ranks * pinned(4 * per_rank)
+    assert est.gradients_gib * GIB == ranks * (master + pinned(2 * per_rank))
     assert est.moments_gib * GIB == pytest.approx(8 * 7_248_023_552)
     # the chart asks for the estimate plus headroom, and its limit is the request
     assert est.total_gib < int(request[:-2]) <= 1.3 * est.total_gib
