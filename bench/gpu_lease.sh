@@ -30,14 +30,25 @@ lease_install() {
   fi
   python3 - <<'PY' 2>&1 | tee "$OUT/imports.txt"
 import importlib, importlib.metadata as md
+
+
+def _has(dist):
+    try:
+        md.version(dist)
+        return True
+    except md.PackageNotFoundError:
+        return False
+
 for mod, dist in [("deepspeed", "deepspeed"), ("datasets", "datasets"), ("mistral_common", "mistral-common"),
                   ("vllm.entrypoints.llm", "vllm"), ("xgrammar", "xgrammar"), ("rouge_score.rouge_scorer", "rouge-score"),
                   ("nltk", "nltk"), ("sentencex", "sentencex")]:
     try:
         importlib.import_module(mod)
-        print(f"import {mod}: ok ({dist} {md.version(dist)})")
     except ImportError as e:  # a purpose not carried in this lease, or a broken bundle: said, not fatal here
         print(f"import {mod}: FAILED {type(e).__name__}: {e}")
+        continue
+    found = [f"{d} {md.version(d)}" for d in (dist, dist + "-cpu") if _has(d)]
+    print(f"import {mod}: ok ({', '.join(found)})")
 PY
 }
 

@@ -166,8 +166,8 @@ def estimate_host_memory(cfg, param_shapes: list[tuple], world_size: int, ranks_
     (the recipe has two: weights with decay, norms without): a pinned fp32 partition of the master weights, a
     pinned fp32 gradient partition, a pinned update buffer in the training dtype, Adam's moments (8 bytes), and
     with gradient accumulation a pinned buffer per parameter in the training dtype. ZeRO-3: the fp32 master
-    weights in sub-groups of `sub_group_size` elements, one flat pinned fp32 gradient buffer, the moments, and with
-    offload_params the parameters in the training dtype. Pinned blocks round up to powers of two (`pin`). Model loading
+    weights and an fp32 gradient buffer per sub-group of `sub_group_size` elements, one flat gradient buffer in
+    the training dtype, the moments, and with offload_params the parameters in the training dtype. Pinned blocks round up to powers of two (`pin`). Model loading
     comes before these and is freed before them (the weights go to the GPU), so it is not added."""
     ds = cfg.deepspeed
     W = max(world_size, 1)
@@ -180,8 +180,11 @@ def estimate_host_memory(cfg, param_shapes: list[tuple], world_size: int, ranks_
     if ds.offload_optimizer:
         moments = 8 * n / W
         if ds.stage == 3:
-            master = sum(pinned_(4 * c) for c in _chunks(n / W, ZERO3_SUB_GROUP))
-            grads = pinned_(4 * n / W)
+            chunks = _chunks(n / W, ZERO3_SUB_GROUP)
+            master = sum(pinned_(4 * c) for c in chunks)
+            # each sub-group keeps a pinned fp32 gradient buffer for the CPU Adam step (released only without
+            # offload), beside the flat buffer the reduced gradients land in (gradient-accumulation dtype)
+            grads = sum(pinned_(4 * c) for c in chunks) + pinned_(half * n / W)
         else:
             groups = [sum(k for k, d in zip(numels, ndims) if d >= 2) / W,  # the recipe's groups
                       sum(k for k, d in zip(numels, ndims) if d < 2) / W]
