@@ -28,7 +28,7 @@ def _run(args) -> int:
 def _compare(args) -> int:
     from evaluator.compare import compare, format_table
 
-    print(format_table(compare(args.base, args.tuned, args.out, scoring_from_args(args))))
+    print(format_table(compare(args.base, args.tuned, args.out, scoring_from_args(args)), brief=args.brief))
     return 0
 
 
@@ -44,10 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="paired bootstrap deltas between two runs",
                        description="Per-metric F1 deltas (tuned - base) with paired bootstrap CIs and p-values, "
-                                   "overall and per category. Refuses runs on different test splits or sampling.")
+                                   "overall and per category, under a one-sentence headline. Refuses runs on "
+                                   "different test splits, sampling or max_model_len.")
     c.add_argument("base", metavar="BASE_DIR", help="output folder of `dolly-eval run` for the base model")
     c.add_argument("tuned", metavar="TUNED_DIR", help="output folder of `dolly-eval run` for the tuned model")
     c.add_argument("--out", required=True, help="output folder: compare.json, compare.md, compare.html, compare.png")
+    c.add_argument("--brief", action="store_true",
+                   help="print the headline and the overall rows only (the files keep every category)")
     add_run_arguments(c, groups=("scoring",))
     c.set_defaults(func=_compare)
     return parser

@@ -96,8 +96,8 @@ def to_markdown(blocks: list[tuple]) -> str:
     for kind, *a in blocks:
         if kind == "h":
             out.append(f"{'#' * a[0]} {a[1]}\n")
-        elif kind == "p":
-            out.append(f"{a[0]}\n")
+        elif kind == "p":  # ("p", text) or ("p", text, "strong"): the page's headline
+            out.append(f"**{a[0]}**\n" if a[1:] == ["strong"] else f"{a[0]}\n")
         elif kind == "table":
             header, rows = a
             out.append("| " + " | ".join(map(_md_cell, header)) + " |")
@@ -126,7 +126,7 @@ def to_html(blocks: list[tuple], title: str) -> str:
         if kind == "h":
             out.append(f"<h{a[0]}>{e(a[1])}</h{a[0]}>")
         elif kind == "p":
-            out.append(f"<p>{e(a[0])}</p>")
+            out.append(f"<p><strong>{e(a[0])}</strong></p>" if a[1:] == ["strong"] else f"<p>{e(a[0])}</p>")
         elif kind == "table":
             header, rows = a
             out.append("<table><tr>" + "".join(f"<th>{e(str(h))}</th>" for h in header) + "</tr>")

@@ -70,7 +70,7 @@ def build_metrics(cfg: RunConfig, model: ModelInfo, split: TestSplit, records: l
     cats = [r["category"] for r in records]
     scores = [per_example[i] for i in ids]
     reasons = Counter(r["finish_reason"] for r in rows)
-    truncated = truncated or {"count": 0, "max_prompt_tokens": None, "examples": []}
+    truncated = truncated or {"count": 0, "max_prompt_tokens": None, "max_model_len": None, "examples": []}
     metrics = {
         "schema_version": METRICS_SCHEMA_VERSION,
         "kind": "dolly-eval/run",
@@ -186,7 +186,7 @@ def run(cfg: RunConfig, engine=None) -> dict:
     prompts = [prompt_text(r["instruction"], r["context"].strip()[: cut[r["id"]]] if r["id"] in cut else r["context"])
                for r in records]
     rows = prediction_rows(records, prompt_ids, gen_run, encoder, frozenset(cut), prompts, workers)
-    cut_record = {"count": len(truncated), "examples": truncated,
+    cut_record = {"count": len(truncated), "examples": truncated, "max_model_len": max_model_len,
                   "max_prompt_tokens": None if max_model_len is None else max_model_len - cfg.sampling.max_new_tokens}
     metrics = build_metrics(cfg, model, split, records, prompt_ids, gen_run, rows, cut_record)
     timings["score_seconds"] = time.perf_counter() - t0
