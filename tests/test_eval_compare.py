@@ -33,10 +33,10 @@ def degrade(refs: list[str], keep: float, seed: int) -> list[str]:
 
 def write_run(path: Path, refs: list[str], preds: list[str], test_sha: str = "a" * 64,
               sampling: dict | None = None, schema_version: int = 2, lsum: str = SENTENCE_SPLITTER,
-              prompts_truncated: dict | None = None) -> Path:
+              prompts_truncated: dict | None = None, categories: tuple = CATEGORIES) -> Path:
     """A run folder as `dolly-eval run` writes it (the fields compare reads), scored by rouge-score."""
     path.mkdir(parents=True)
-    rows = [{"id": f"dolly-{i:012x}", "category": CATEGORIES[i % 3], "seed": None, "reference": r, "prediction": p,
+    rows = [{"id": f"dolly-{i:012x}", "category": categories[i % len(categories)], "seed": None, "reference": r, "prediction": p,
              "scores": s} for i, (r, p, s) in enumerate(zip(refs, preds, score_pairs(refs, preds)))]
     write_jsonl(path / "predictions.jsonl", rows)
     write_json(path / "metrics.json", {

@@ -4,6 +4,7 @@ for the whole module, then checked file by file and against rouge-score and `tra
 from __future__ import annotations
 
 import hashlib
+import shutil
 import json
 import subprocess
 import sys
@@ -190,3 +191,23 @@ def test_compare_with_itself_gives_zero_delta(run_dir, tmp_path, capsys):
     assert r["delta"] == 0.0 and r["ci_low"] == r["ci_high"] == 0.0 and r["p_value"] == 1.0
     assert r["n"] == json.loads((out / "metrics.json").read_text())["num_examples"]
     assert "rougeL" in capsys.readouterr().out
+
+
+def test_report_and_compare_pages_fit_the_window(run_dir, tmp_path):
+    # A real run's report.html (the synthetic split's categories, the real chart) and a compare of it, in a
+    # headless Chromium at 1280 and 800 px (tests/browser.py; a skip says why when there is no Chromium).
+    from browser import assert_fits, chromium, measure
+
+    browser, why = chromium()
+    if browser is None:
+        pytest.skip(why)
+    out, _ = run_dir
+    pages = tmp_path / "run"
+    shutil.copytree(out, pages)  # the probe page is written beside the report: not into the module's run folder
+    assert main(["compare", str(out), str(out), "--out", str(tmp_path / "cmp")]) == 0
+    for page in (pages / "report.html", tmp_path / "cmp" / "compare.html"):
+        for width in (1280, 800):
+            result = measure(browser, page, width)
+            assert_fits(result, width, page)
+            assert [i["src"] for i in result["images"]] == [page.with_suffix(".png").name if page.stem == "compare"
+                                                           else "by_category.png"]
