@@ -18,9 +18,15 @@ from trainer.log import configure
 
 
 def _run(args) -> int:
+    from evaluator.console import quiet_run
     from evaluator.run import run, summary_table
 
-    metrics = run(from_args(args))
+    cfg = from_args(args)
+    if args.verbose:
+        metrics = run(cfg)
+    else:  # vLLM's and the libraries' output to <out>/eval.log, our lines to the terminal (evaluator/console.py)
+        with quiet_run(cfg.out) as quiet:
+            metrics = run(cfg, quiet=quiet)
     print(summary_table(metrics))
     return 0
 
@@ -40,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate on DIR/test.jsonl with vLLM (prompt ids from trainer.prompt) and "
                                    "score with ROUGE. Writes predictions.jsonl, metrics.json, report.md/.html.")
     add_run_arguments(p)
+    p.add_argument("--verbose", action="store_true",
+                   help="print vLLM's and the libraries' output too (default: only dolly-eval's lines; the rest "
+                        "goes to <out>/eval.log, named when the run ends)")
     p.set_defaults(func=_run)
 
     c = sub.add_parser("compare", help="paired bootstrap deltas between two runs",

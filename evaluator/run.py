@@ -22,6 +22,7 @@ import numpy as np
 
 from evaluator import __version__
 from evaluator.config import EvalInputError, RunConfig
+from evaluator.console import QuietRun, engine_changes, keep_log
 from evaluator.generate import in_process
 from evaluator.inputs import ModelInfo, TestSplit, check_model, fit_prompts, read_test_split
 from evaluator.protocols import check_protocol_records, protocol_record
@@ -142,6 +143,8 @@ def _generate(cfg: RunConfig, model: ModelInfo, prompt_ids, example_ids, eos_id:
             join()
         else:
             eng = engine or start_engine(str(model.path), cfg.engine)
+            for change in engine_changes(eng.llm, eng.kwargs):
+                log.warning(change)
             try:
                 join()
                 gens, seconds = generate_with(eng.llm, prompt_ids, example_ids, eos_id, cfg.sampling)
@@ -155,9 +158,10 @@ def _generate(cfg: RunConfig, model: ModelInfo, prompt_ids, example_ids, eos_id:
     return gen_run
 
 
-def run(cfg: RunConfig, engine=None) -> dict:
+def run(cfg: RunConfig, engine=None, quiet: QuietRun | None = None) -> dict:
     """The whole `dolly-eval run`. `engine`: an already started `evaluator.generate.Engine` to generate with
-    (bench/eval_speed.py shares one between raw vLLM and this path); the caller shuts it down."""
+    (bench/eval_speed.py shares one between raw vLLM and this path); the caller shuts it down. `quiet`: the
+    terminal is quiet (evaluator/console.py): the log joins the run folder, vLLM's warnings are summed up."""
     t_run = time.perf_counter()
     timings: dict[str, float] = {}
     # Every check that can fail on bad input runs before the engine starts.
@@ -200,7 +204,14 @@ def run(cfg: RunConfig, engine=None) -> dict:
                               **{k: round(v, 3) for k, v in timings.items()}}
         write_report(tmp, "report", run_blocks(metrics, rows, CHART), "dolly-eval run")
         write_json(tmp / "metrics.json", metrics)
-    log.info("wrote %s", out)
+        keep_log(quiet, tmp)
+    if quiet is not None:
+        said = quiet.warnings.summary(quiet.final)
+        if said:
+            log.warning(said)
+        log.info("wrote %s (full log: %s)", out, quiet.final)
+    else:
+        log.info("wrote %s", out)
     return metrics
 
 

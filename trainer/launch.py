@@ -282,7 +282,10 @@ def run_train(args) -> int:
             result = run_training(cfg)
         else:
             with quiet_output(train_log_path(cfg)):
-                result = run_training(cfg)
+                try:
+                    result = run_training(cfg)
+                finally:
+                    disconnect_ray()
     except (ConfigError, PreflightError) as e:
         print(f"dolly-train train: {e}", file=sys.stderr)
         return 2
@@ -296,6 +299,16 @@ def run_train(args) -> int:
         return 1
     log.info(f"done: run dir {cfg.run_dir()}")
     return 0
+
+
+def disconnect_ray() -> None:
+    """Stop (a local cluster) or leave (a remote one) Ray before the terminal is given back: until then Ray's
+    driver keeps printing its actors' late lines (Ray Train's "Reporting training result N", the placement-group
+    cleaner's "Failed to query Ray Train Controller actor state"), which then reached the terminal after "done"."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def train_log_path(cfg: TrainConfig) -> Path:
