@@ -8,9 +8,9 @@ folder itself is written atomically at the end); it then becomes `<out>/eval.log
 later still reach it), and the "wrote" line names it. A failed run keeps it as `<out>.failed.log` and says so.
 `dolly-eval run --verbose` prints everything instead.
 
-What in that log matters for the result is said in the product's own words: prompt truncation (evaluator/run.py),
-an engine setting vLLM changed from what was asked (`engine_changes`), and a count of vLLM's warnings and errors
-with the first of them (`VllmWarnings`).
+What in that log matters for the result is said on the terminal: prompt truncation (evaluator/run.py), an engine
+setting vLLM changed from what was asked (`engine_changes`), and vLLM's errors and the warnings in which it falls
+back, overrides or truncates something (`VllmWarnings`); the other vLLM warnings are counted in the "wrote" line.
 """
 
 from __future__ import annotations
@@ -37,28 +37,30 @@ _VLLM_LINE = re.compile(r"pid=\d+\)\s+(WARNING|ERROR|CRITICAL)\s+\d\d-\d\d \d\d:
 SHOWN_CHARS = 160
 
 
+# vLLM's warnings that say it did something other than asked, which a reader of the result should know. The
+# others (on a CPU: no Triton, no tcmalloc, thread binding, a chat-template warmup that a tokenizer-less engine
+# cannot do) are counted only.
+_NOTABLE = re.compile(r"fall(?:s|ing)? ?back|\binstead\b|\boverrid|\btruncat|\bexceed", re.I)
+
+
 @dataclass
 class VllmWarnings:
-    """vLLM's WARNING/ERROR lines seen in the log (`watch` is quiet_output's hook), distinct messages kept."""
+    """vLLM's WARNING/ERROR lines seen in the log (`watch` is quiet_output's hook)."""
 
     count: int = 0
-    messages: list[str] = field(default_factory=list)
+    notable: list[str] = field(default_factory=list)  # errors, fallbacks, overrides: distinct, in order
 
     def watch(self, line: str) -> None:
         m = _VLLM_LINE.search(line)
-        if m:
-            self.count += 1
-            text = f"{m.group(1).lower()}: {m.group(2).strip()}"
-            if text not in self.messages:
-                self.messages.append(text)
-
-    def summary(self, where: Path) -> str | None:
-        if not self.count:
-            return None
-        first = self.messages[0]
-        first = first if len(first) <= SHOWN_CHARS else first[:SHOWN_CHARS] + " ..."
-        return (f"vLLM logged {self.count} warning(s)/error(s), {len(self.messages)} distinct, all in {where}; "
-                f"the first: {first}")
+        if not m:
+            return
+        self.count += 1
+        level, text = m.group(1), m.group(2).strip()
+        if level != "WARNING" or _NOTABLE.search(text):
+            said = f"vLLM {'warned' if level == 'WARNING' else 'reported an error'}: " + (
+                text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + " ...")
+            if said not in self.notable:
+                self.notable.append(said)
 
 
 @dataclass

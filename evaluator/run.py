@@ -206,10 +206,10 @@ def run(cfg: RunConfig, engine=None, quiet: QuietRun | None = None) -> dict:
         write_json(tmp / "metrics.json", metrics)
         keep_log(quiet, tmp)
     if quiet is not None:
-        said = quiet.warnings.summary(quiet.final)
-        if said:
+        for said in quiet.warnings.notable:
             log.warning(said)
-        log.info("wrote %s (full log: %s)", out, quiet.final)
+        n = quiet.warnings.count
+        log.info("wrote %s (full log: %s%s)", out, quiet.final, f", {n} vLLM warning lines" if n else "")
     else:
         log.info("wrote %s", out)
     return metrics
