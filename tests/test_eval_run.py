@@ -4,8 +4,9 @@ for the whole module, then checked file by file and against rouge-score and `tra
 from __future__ import annotations
 
 import hashlib
-import shutil
 import json
+import re
+import shutil
 import subprocess
 import sys
 from importlib.metadata import version
