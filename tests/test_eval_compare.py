@@ -36,8 +36,8 @@ def write_run(path: Path, refs: list[str], preds: list[str], test_sha: str = "a"
               prompts_truncated: dict | None = None, categories: tuple = CATEGORIES) -> Path:
     """A run folder as `dolly-eval run` writes it (the fields compare reads), scored by rouge-score."""
     path.mkdir(parents=True)
-    rows = [{"id": f"dolly-{i:012x}", "category": categories[i % len(categories)], "seed": None, "reference": r, "prediction": p,
-             "scores": s} for i, (r, p, s) in enumerate(zip(refs, preds, score_pairs(refs, preds)))]
+    rows = [{"id": f"dolly-{i:012x}", "category": categories[i % len(categories)], "seed": None, "reference": r,
+             "prediction": p, "scores": s} for i, (r, p, s) in enumerate(zip(refs, preds, score_pairs(refs, preds)))]
     write_jsonl(path / "predictions.jsonl", rows)
     write_json(path / "metrics.json", {
         "schema_version": schema_version, "kind": "dolly-eval/run",
