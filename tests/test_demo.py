@@ -64,4 +64,4 @@ def test_demo_trains_and_beats_the_base_model(repo, tmp_path):
     for phase in ("base", "tuned"):
         log = run / "eval" / phase / "eval.log"
         assert "non-default args" in log.read_text() or "EngineCore" in log.read_text()  # vLLM's lines went here
-        assert f"(full log: {log.resolve()})" in proc.stderr
+        assert f"(full log: {log.resolve()}" in proc.stderr  # the "wrote" line names it
