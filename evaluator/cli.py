@@ -1,7 +1,9 @@
 """`dolly-eval`: vLLM batch generation on the held-out Dolly split, scored with ROUGE.
 
-    dolly-eval run --model DIR --data DIR --out DIR [--config FILE] [engine/sampling/scoring options]
-    dolly-eval compare BASE_DIR TUNED_DIR --out DIR
+    dolly-eval run --model DIR --data DIR --out DIR [--config FILE] [engine/sampling/scoring options] [--verbose]
+    dolly-eval compare BASE_DIR TUNED_DIR --out DIR [--brief]
+
+`run` is quiet: its own lines on the terminal, vLLM's and the libraries' in <out>/eval.log (evaluator/console.py).
 
 Bad input (missing or mismatched model, malformed test split, runs that cannot be compared) is reported in
 one line naming the file/line/field and exits with status 2, before vLLM starts and without writing --out.
