@@ -98,7 +98,7 @@ def test_run_writes_reports_with_provenance(run_dir, eval_model, synthetic_data_
     # Quiet by default (issue 29): the terminal has dolly-eval's own lines only; vLLM's are in eval.log.
     err = proc.stderr.splitlines()
     assert err and all(line.startswith("[dolly-eval] ") for line in err), proc.stderr
-    assert f"[dolly-eval] wrote {out} (full log: {out / 'eval.log'}, " in proc.stderr
+    assert f"[dolly-eval] wrote {out} (full log: {out / 'eval.log'}" in proc.stderr
     vllm_log = (out / "eval.log").read_text()
     assert re.search(r"\(\w+ pid=\d+\) INFO \d\d-\d\d [\d:]+ \[", vllm_log)  # vLLM's own log format
     assert "generating" in vllm_log and not list(out.parent.glob(".base.eval.log"))
