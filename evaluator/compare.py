@@ -4,8 +4,13 @@ Each ROUGE F1 delta (tuned - base) is a mean over the same example ids, with a p
 and a paired sign-flip permutation p-value (`evaluator.score.paired_bootstrap`), overall and per category.
 Every (group, metric) cell is one test: (1 + categories) x 4 of them; `p_holm` is the Holm-Bonferroni
 adjusted p-value over that whole family and the report says how many tests it covers. Two runs are
-comparable only when they scored the same test split (sha256) with the same effective sampling settings
-and the same ROUGE setup; anything else is refused (exit 2).
+comparable only when they scored the same test split (sha256) with the same effective sampling settings,
+the same ROUGE setup and the same prompts (the same max_model_len, so the same long prompts cut the same way);
+anything else is refused (exit 2).
+
+Every output opens with the answer (`headline`): the overall ROUGE-L F1 base -> tuned with the delta, its CI and
+the Holm-corrected p-value in one sentence, then the categories whose ROUGE-L changed significantly (Holm p <
+ALPHA); the full table follows.
 
 compare.json (schema_version 2):
     base, tuned          {path, model_path, weights_sha256}
@@ -29,6 +34,8 @@ from evaluator.score import ROUGE_TYPES, average_over_seeds, holm, paired_bootst
 SCHEMA_VERSION = 2
 RUN_SCHEMA_VERSION = 2
 CHART = "compare.png"
+ALPHA = 0.05  # significance level of the headline's "significant" (on the Holm-corrected p-values)
+HEADLINE_METRIC = "rougeL"
 
 
 def load_run(run_dir: str | Path) -> tuple[dict, dict[str, dict], dict[str, str]]:
@@ -71,6 +78,35 @@ def check_comparable(base: dict, tuned: dict, base_dir, tuned_dir) -> None:
     if base["data"].get("limit") != tuned["data"].get("limit"):
         raise EvalInputError(f"refusing to compare: {base_dir} used limit {base['data'].get('limit')}, "
                              f"{tuned_dir} used {tuned['data'].get('limit')}")
+    check_same_prompts(base, tuned, base_dir, tuned_dir)
+
+
+def prompt_limit(metrics: dict) -> tuple[int | None, dict]:
+    """(max_model_len the run's prompts were fitted to, or None for no limit; {id: kept context chars} of the
+    prompts it cut). Runs before `max_model_len` was recorded there: max_prompt_tokens + max_new_tokens."""
+    cut = metrics["data"].get("prompts_truncated") or {}
+    limit = cut.get("max_model_len")
+    if limit is None and cut.get("max_prompt_tokens") is not None:
+        limit = cut["max_prompt_tokens"] + metrics["sampling"]["max_new_tokens"]
+    return limit, {e["id"]: e.get("kept_context_chars") for e in cut.get("examples", [])}
+
+
+def check_same_prompts(base: dict, tuned: dict, base_dir, tuned_dir) -> None:
+    """The two models must have seen the same prompts: a different max_model_len cuts long prompts differently
+    (or not at all), and the delta would then partly measure the prompts, not the models."""
+    (b_len, b_cut), (t_len, t_cut) = prompt_limit(base), prompt_limit(tuned)
+    show = lambda n: "none (the model's own limit unknown)" if n is None else n  # noqa: E731
+    if b_len != t_len:
+        raise EvalInputError(
+            f"refusing to compare: different max_model_len: {base_dir} fitted its prompts to max_model_len "
+            f"{show(b_len)} ({len(b_cut)} cut), {tuned_dir} to {show(t_len)} ({len(t_cut)} cut); run both with "
+            f"the same --max-model-len")
+    if b_cut != t_cut:
+        diff = sorted(set(b_cut.items()) ^ set(t_cut.items()))
+        raise EvalInputError(
+            f"refusing to compare: the same max_model_len {show(b_len)} cut different prompts: {base_dir} cut "
+            f"{len(b_cut)}, {tuned_dir} cut {len(t_cut)} (first difference: {diff[0][0]}); the two models' "
+            f"tokenizers differ")
 
 
 def paired_table(base_scores: dict, tuned_scores: dict, ids: list[str], boot: tuple) -> dict:
@@ -152,20 +188,56 @@ def tests_note(result: dict) -> str:
             f"{sc['comparisons']}, controlling the family-wise error rate.")
 
 
+def _p(p: float) -> str:
+    return "p < 0.0001" if p < 1e-4 else f"p = {p:.4f}"
+
+
+def headline(result: dict) -> list[str]:
+    """The answer in two sentences: overall ROUGE-L base -> tuned, delta, CI, corrected p; then the categories
+    that changed significantly."""
+    s, sc, m = result["overall"][HEADLINE_METRIC], result["scoring"], HEADLINE_METRIC
+    significant = s["p_holm"] < ALPHA
+    verdict = (("fine-tuning helped" if s["delta"] > 0 else "fine-tuning made it worse") if significant
+               else f"no significant difference at the {ALPHA:g} level")
+    first = (f"Overall ROUGE-L F1 {s['base']:.4f} (base) -> {s['tuned']:.4f} (tuned): delta {s['delta']:+.4f}, "
+             f"{sc['confidence']:.0%} CI [{s['ci_low']:+.4f}, {s['ci_high']:+.4f}], {_p(s['p_holm'])} "
+             f"(Holm-corrected over {sc['comparisons']} tests): {verdict}.")
+    cats = {c: t[m] for c, t in result["by_category"].items() if t[m]["p_holm"] < ALPHA}
+    better = [f"{c} ({t['delta']:+.3f})" for c, t in sorted(cats.items(), key=lambda x: -x[1]["delta"])
+              if t["delta"] > 0]
+    worse = [f"{c} ({t['delta']:+.3f})" for c, t in sorted(cats.items(), key=lambda x: x[1]["delta"])
+             if t["delta"] < 0]
+    if not better and not worse:
+        second = (f"No category's ROUGE-L changed significantly (Holm p < {ALPHA:g}; "
+                  f"{len(result['by_category'])} categories).")
+    else:
+        second = (f"Significantly better ROUGE-L (Holm p < {ALPHA:g}): {', '.join(better) or 'none'}; "
+                  f"significantly worse: {', '.join(worse) or 'none'}.")
+    return [first, second]
+
+
 def compare_blocks(result: dict) -> list[tuple]:
+    first, second = headline(result)
     return [
         ("h", 1, "dolly-eval compare"),
+        ("p", first, "strong"),
+        ("p", second),
+        ("table", HEADER, table_rows(result)),
+        ("p", tests_note(result)),
+        ("img", CHART, "F1 delta by category"),
         ("p", f"base {result['base']['model_path']} vs tuned {result['tuned']['model_path']}, test split sha256 "
               f"{result['test_sha256'][:12]}, sampling {json.dumps(result['sampling'])}; deltas are tuned - base, "
               f"paired over example ids ({result['scoring']['resamples']} bootstrap resamples for the CI)."),
-        ("p", tests_note(result)),
-        ("table", HEADER, table_rows(result)),
-        ("img", CHART, "F1 delta by category"),
     ]
 
 
-def format_table(result: dict) -> str:
-    rows = [HEADER, *table_rows(result)]
+def format_table(result: dict, brief: bool = False) -> str:
+    """The terminal's output: the headline, then the table (with `brief`, its overall rows only)."""
+    rows = table_rows(result)
+    if brief:
+        rows = [r for r in rows if r[0] == "overall"]
+    rows = [HEADER, *rows]
     widths = [max(len(str(r[k])) for r in rows) for k in range(len(HEADER))]
-    return tests_note(result) + "\n" + "\n".join("  ".join(str(c).ljust(w) if k < 2 else str(c).rjust(w) for k, (c, w) in enumerate(zip(r, widths)))
-                     for r in rows)
+    table = ["  ".join(str(c).ljust(w) if k < 2 else str(c).rjust(w) for k, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    return "\n".join([*headline(result), *table, *([] if brief else [tests_note(result)])])

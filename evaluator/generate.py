@@ -181,7 +181,8 @@ def start_engine(model_dir: str, engine: EngineConfig) -> Engine:
     cache = compile_cache(engine)
     device = _device()
     kwargs = engine_kwargs(model_dir, engine, device)
-    log.info("starting vLLM %s on %s (cache %s): %s", vllm.__version__, device, cache, kwargs)
+    # One short line (the arguments are in metrics.json engine.llm_kwargs, and in eval.log from vLLM itself).
+    log.info("starting vLLM %s on %s (torch.compile cache %s)", vllm.__version__, device, cache["torch_compile_cache"])
     t0 = time.perf_counter()
     llm = vllm.LLM(**kwargs)
     return Engine(llm, time.perf_counter() - t0, device, vllm.__version__, kwargs, cache)

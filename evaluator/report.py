@@ -59,11 +59,15 @@ def _plt():
 
 def bar_chart(path: Path, groups: list[str], series: dict[str, list[tuple[float, float, float]]],
               title: str, ylabel: str) -> None:
-    """Grouped bars with CI error bars; series maps a label to (mean, ci_low, ci_high) per group."""
+    """Grouped bars with CI error bars; series maps a label to (mean, ci_low, ci_high) per group.
+
+    The figure is as wide as its groups need (0.8 in each, 6-10 in at 100 dpi: at most 1,000 px, inside the HTML
+    page's 1,100 px column) and is saved cropped to what it draws, so nothing (a rotated category name, the
+    legend) is cut off; the HTML scales it down on narrower pages (PAGE_CSS)."""
     import numpy as np
 
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(groups) + 2), 4.2))
+    fig, ax = plt.subplots(figsize=(min(10.0, max(6.0, 0.8 * len(groups) + 2.5)), 4.2))
     x = np.arange(len(groups))
     width = 0.8 / max(1, len(series))
     for k, (label, vals) in enumerate(series.items()):
@@ -72,11 +76,13 @@ def bar_chart(path: Path, groups: list[str], series: dict[str, list[tuple[float,
         ax.bar(x + (k - (len(series) - 1) / 2) * width, means, width, yerr=err, capsize=2, label=label)
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set_xticks(x, groups, rotation=30, ha="right")
+    ax.set_xlim(-0.6, len(groups) - 0.4)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.set_title(title, pad=22)
+    # Between the title and the plot, outside the bars: inside it hid the tallest ones.
+    ax.legend(fontsize=8, ncols=len(series), loc="lower right", bbox_to_anchor=(1.0, 1.0), frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
 
 
@@ -96,8 +102,8 @@ def to_markdown(blocks: list[tuple]) -> str:
     for kind, *a in blocks:
         if kind == "h":
             out.append(f"{'#' * a[0]} {a[1]}\n")
-        elif kind == "p":
-            out.append(f"{a[0]}\n")
+        elif kind == "p":  # ("p", text) or ("p", text, "strong"): the page's headline
+            out.append(f"**{a[0]}**\n" if a[1:] == ["strong"] else f"{a[0]}\n")
         elif kind == "table":
             header, rows = a
             out.append("| " + " | ".join(map(_md_cell, header)) + " |")
@@ -115,23 +121,33 @@ def to_markdown(blocks: list[tuple]) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+# Every part fits the page's width (checked in a browser at 1280 and 800 px: tests/test_report_layout.py): images
+# scale down to the column, long unbroken text (paths, hashes, JSON) wraps anywhere, and a table wider than a
+# narrow screen scrolls inside its own box instead of widening the page.
+PAGE_CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;overflow-wrap:anywhere}"
+            "img{max-width:100%;height:auto;display:block}"
+            ".wide{max-width:100%;overflow-x:auto}"
+            "table{border-collapse:collapse;margin:1em 0}"
+            "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;overflow-wrap:normal}"
+            "td:first-child,th:first-child{text-align:left}"
+            "pre{white-space:pre-wrap;background:#f6f6f6;padding:.5em}")
+
+
 def to_html(blocks: list[tuple], title: str) -> str:
     e = html.escape
-    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>"
-           "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-           "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-           "td:first-child,th:first-child{text-align:left}pre{white-space:pre-wrap;background:#f6f6f6;padding:.5em}"
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>"
+           "<meta name='viewport' content='width=device-width, initial-scale=1'><style>" + PAGE_CSS +
            "</style></head><body>"]
     for kind, *a in blocks:
         if kind == "h":
             out.append(f"<h{a[0]}>{e(a[1])}</h{a[0]}>")
         elif kind == "p":
-            out.append(f"<p>{e(a[0])}</p>")
+            out.append(f"<p><strong>{e(a[0])}</strong></p>" if a[1:] == ["strong"] else f"<p>{e(a[0])}</p>")
         elif kind == "table":
             header, rows = a
-            out.append("<table><tr>" + "".join(f"<th>{e(str(h))}</th>" for h in header) + "</tr>")
+            out.append("<div class='wide'><table><tr>" + "".join(f"<th>{e(str(h))}</th>" for h in header) + "</tr>")
             out += ["<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in rows]
-            out.append("</table>")
+            out.append("</table></div>")
         elif kind == "img":
             out.append(f"<img src='{e(a[0])}' alt='{e(a[1])}'>")
         elif kind == "example":

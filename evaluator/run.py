@@ -22,6 +22,7 @@ import numpy as np
 
 from evaluator import __version__
 from evaluator.config import EvalInputError, RunConfig
+from evaluator.console import QuietRun, engine_changes, keep_log
 from evaluator.generate import in_process
 from evaluator.inputs import ModelInfo, TestSplit, check_model, fit_prompts, read_test_split
 from evaluator.protocols import check_protocol_records, protocol_record
@@ -70,7 +71,7 @@ def build_metrics(cfg: RunConfig, model: ModelInfo, split: TestSplit, records: l
     cats = [r["category"] for r in records]
     scores = [per_example[i] for i in ids]
     reasons = Counter(r["finish_reason"] for r in rows)
-    truncated = truncated or {"count": 0, "max_prompt_tokens": None, "examples": []}
+    truncated = truncated or {"count": 0, "max_prompt_tokens": None, "max_model_len": None, "examples": []}
     metrics = {
         "schema_version": METRICS_SCHEMA_VERSION,
         "kind": "dolly-eval/run",
@@ -142,6 +143,8 @@ def _generate(cfg: RunConfig, model: ModelInfo, prompt_ids, example_ids, eos_id:
             join()
         else:
             eng = engine or start_engine(str(model.path), cfg.engine)
+            for change in engine_changes(eng.llm, eng.kwargs):
+                log.warning(change)
             try:
                 join()
                 gens, seconds = generate_with(eng.llm, prompt_ids, example_ids, eos_id, cfg.sampling)
@@ -155,9 +158,10 @@ def _generate(cfg: RunConfig, model: ModelInfo, prompt_ids, example_ids, eos_id:
     return gen_run
 
 
-def run(cfg: RunConfig, engine=None) -> dict:
+def run(cfg: RunConfig, engine=None, quiet: QuietRun | None = None) -> dict:
     """The whole `dolly-eval run`. `engine`: an already started `evaluator.generate.Engine` to generate with
-    (bench/eval_speed.py shares one between raw vLLM and this path); the caller shuts it down."""
+    (bench/eval_speed.py shares one between raw vLLM and this path); the caller shuts it down. `quiet`: the
+    terminal is quiet (evaluator/console.py): the log joins the run folder, vLLM's warnings are summed up."""
     t_run = time.perf_counter()
     timings: dict[str, float] = {}
     # Every check that can fail on bad input runs before the engine starts.
@@ -186,7 +190,7 @@ def run(cfg: RunConfig, engine=None) -> dict:
     prompts = [prompt_text(r["instruction"], r["context"].strip()[: cut[r["id"]]] if r["id"] in cut else r["context"])
                for r in records]
     rows = prediction_rows(records, prompt_ids, gen_run, encoder, frozenset(cut), prompts, workers)
-    cut_record = {"count": len(truncated), "examples": truncated,
+    cut_record = {"count": len(truncated), "examples": truncated, "max_model_len": max_model_len,
                   "max_prompt_tokens": None if max_model_len is None else max_model_len - cfg.sampling.max_new_tokens}
     metrics = build_metrics(cfg, model, split, records, prompt_ids, gen_run, rows, cut_record)
     timings["score_seconds"] = time.perf_counter() - t0
@@ -200,7 +204,14 @@ def run(cfg: RunConfig, engine=None) -> dict:
                               **{k: round(v, 3) for k, v in timings.items()}}
         write_report(tmp, "report", run_blocks(metrics, rows, CHART), "dolly-eval run")
         write_json(tmp / "metrics.json", metrics)
-    log.info("wrote %s", out)
+        keep_log(quiet, tmp)
+    if quiet is not None:
+        for said in quiet.warnings.notable:
+            log.warning(said)
+        n = quiet.warnings.count
+        log.info("wrote %s (full log: %s%s)", out, quiet.final, f", {n} vLLM warning lines" if n else "")
+    else:
+        log.info("wrote %s", out)
     return metrics
 
 

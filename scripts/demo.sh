@@ -3,6 +3,7 @@
 #   tiny Mistral (real v3 tokenizer) -> synthetic Dolly -> Ray Train + DeepSpeed ZeRO-2 on 2 CPU workers
 #   -> Hugging Face export -> vLLM (CPU) generation on the test split, base and fine-tuned -> ROUGE comparison
 # usage: scripts/demo.sh [WORK_DIR]   (default: work/; a rerun starts the run afresh)
+# Its output is about 60 lines; Ray's, DeepSpeed's and vLLM's own go to the log files the commands name.
 # A smaller run (the test suite uses one): DEMO_EXAMPLES=1200 DEMO_TEST_SIZE=60 DEMO_TRAIN_ARGS="schedule.max_steps=60"
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +19,7 @@ model=$work/models/tiny
 data=$work/data/synthetic
 run_dir=$work/runs/$run
 start=$(date +%s)
-step() { printf '\n==> [%4ss] %s\n' "$(( $(date +%s) - start ))" "$*"; }
+step() { printf '==> [%4ss] %s\n' "$(( $(date +%s) - start ))" "$*"; }
 
 step "init-tiny-model -> $model"
 dolly-train init-tiny-model --out "$model"
@@ -40,7 +41,8 @@ step "evaluate the fine-tuned export (vLLM, CPU)"
 dolly-eval run --config evaluator/configs/cpu-tiny.yaml --model "$run_dir/export" --data "$data" --out "$run_dir/eval/tuned"
 
 step "compare base vs fine-tuned"
-dolly-eval compare "$run_dir/eval/base" "$run_dir/eval/tuned" --out "$run_dir/eval/compare"
+# --brief: the headline and the overall rows; the per-category rows are in compare.md/.html/.json.
+dolly-eval compare "$run_dir/eval/base" "$run_dir/eval/tuned" --out "$run_dir/eval/compare" --brief
 
 step "done in $(( $(date +%s) - start ))s"
 echo "training metrics: $run_dir/metrics.jsonl (TensorBoard: $run_dir/tensorboard)"

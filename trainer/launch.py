@@ -325,7 +325,10 @@ def run_train(args) -> int:
             log_path = train_log_path(cfg)
             try:
                 with quiet_output(log_path):
-                    result = run_training(cfg)
+                    try:
+                        result = run_training(cfg)
+                    finally:
+                        disconnect_ray()
             finally:
                 upload_log(cfg, log_path)
     except (ConfigError, PreflightError) as e:
@@ -356,6 +359,16 @@ def upload_log(cfg: TrainConfig, log_path: Path) -> None:
         return
     log_path.unlink()
     log.info(f"log: {uri}")
+
+
+def disconnect_ray() -> None:
+    """Stop (a local cluster) or leave (a remote one) Ray before the terminal is given back: until then Ray's
+    driver keeps printing its actors' late lines (Ray Train's "Reporting training result N", the placement-group
+    cleaner's "Failed to query Ray Train Controller actor state"), which then reached the terminal after "done"."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def train_log_path(cfg: TrainConfig) -> Path:
