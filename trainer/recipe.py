@@ -226,10 +226,8 @@ class FullFinetuneRecipe:
         import deepspeed
 
         o = self.cfg.optim
-        named = list(model.named_parameters())
-        self.decay_names = [n for n, p in named if decays(p)]  # read by the tests
-        decay = [p for n, p in named if decays(p)]
-        no_decay = [p for n, p in named if not decays(p)]
+        decay = [p for p in model.parameters() if decays(p)]
+        no_decay = [p for p in model.parameters() if not decays(p)]
         groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         if self.cfg.deepspeed.offload_optimizer:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
