@@ -87,7 +87,7 @@ def run_reference(model_dir: Path, data_dir: Path, *, steps: int, world_size: in
                   micro_batch_size: int, max_length: int, packing: bool, seed: int, lr: float,
                   weight_decay: float, betas: tuple[float, float], eps: float, grad_clip: float, warmup: int,
                   decay: str, min_lr_ratio: float, schedule_steps: int | None = None,
-                  restart_adam_at: int | None = None) -> ReferenceRun:
+                  restart_adam_at: int | None = None, eval_at: tuple[int, ...] = ()) -> ReferenceRun:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -136,7 +136,8 @@ def run_reference(model_dir: Path, data_dir: Path, *, steps: int, world_size: in
             adam.step()
             out.steps.append(StepRecord(step, loss_sum / total_labels, step_lr, norm,
                                         zlib.crc32(repr(batches).encode()), epoch, s + 1))
-            out.val_loss[step] = validation_loss(model, val)  # after every step: 7 examples, cheap
+            if step in eval_at:
+                out.val_loss[step] = validation_loss(model, val)
             if restart_adam_at == step:
                 adam = new_adam()  # a weights-only checkpoint keeps the weights, not Adam's moments
         epoch += 1

@@ -128,7 +128,9 @@ def reference(model: Path, data: Path, leg: str, **kw):
                 max_length=cfg.data.max_length, packing=cfg.data.packing, seed=cfg.seed, lr=cfg.optim.lr,
                 weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                 grad_clip=cfg.optim.grad_clip, warmup=cfg.schedule.warmup_steps, decay=cfg.schedule.decay,
-                min_lr_ratio=cfg.schedule.min_lr_ratio)
+                min_lr_ratio=cfg.schedule.min_lr_ratio,
+                # where the runs validate: every eval_every_steps, and at the end of each run (6 before the rerun)
+                eval_at=(4, 6, 8, 12))
     args.update(kw)
     return run_reference(model, data, **args)
 
