@@ -55,7 +55,8 @@ class StepRecord:
     grad_norm: float
     fingerprint: int  # crc32 of the step's batches, as the recipe logs it (data position)
     epoch: int
-    step_in_epoch: int
+    step_in_epoch: int  # optimizer steps done in `epoch`, this one included
+    steps_per_epoch: int
 
 
 @dataclass
@@ -112,7 +113,8 @@ def run_reference(model_dir: Path, data_dir: Path, *, steps: int, world_size: in
     step, epoch = 0, 0
     while step < steps:
         plan = plan_epoch(lengths, max_length, packing, micro_batch_size, seed, epoch, multiple)
-        for s in range(len(plan.batches) // multiple):
+        per_epoch = len(plan.batches) // multiple
+        for s in range(per_epoch):
             if step >= steps:
                 break
             step += 1
@@ -135,7 +137,7 @@ def run_reference(model_dir: Path, data_dir: Path, *, steps: int, world_size: in
                 group["lr"] = step_lr
             adam.step()
             out.steps.append(StepRecord(step, loss_sum / total_labels, step_lr, norm,
-                                        zlib.crc32(repr(batches).encode()), epoch, s + 1))
+                                        zlib.crc32(repr(batches).encode()), epoch, s + 1, per_epoch))
             if step in eval_at:
                 out.val_loss[step] = validation_loss(model, val)
             if restart_adam_at == step:

@@ -53,13 +53,16 @@ EXTENDED_STEPS = 8  # z2_packed_acc2 is rerun with schedule.max_steps=8 after fi
 RESUMED_AT = 3  # the checkpoint before the kill (checkpoint.every_steps=3)
 
 LOSS_REL, GRAD_REL, PARAM_ABS = 1e-5, 1e-4, 2e-5
+# After Adam restarts (weights-only resume) its first update is lr x g / (|g| + eps): for gradient entries near
+# eps (the tied head's softmax tail over a 32,768-token vocabulary) it turns rounding differences of g into
+# update differences of a fraction of the LR. Bound: a fifth of that step's LR (1.1e-3); measured 8.7e-5.
+PARAM_ABS_AFTER_ADAM_RESTART = 2e-4
 
 
-def config(model: Path, data: Path, storage: Path, leg: str, *extra: str):
-    from trainer import config as C
-
+def config(model: Path, data: Path, storage: Path, leg: str, *extra: str) -> list[str]:
+    """The leg's `dolly-train train --config cpu-tiny` overrides."""
     return [f"model.path={model}", f"data.path={data}", f"checkpoint.storage_path={storage}",
-            f"checkpoint.run_name={leg}", *COMMON, *LEGS[leg], *extra], C
+            f"checkpoint.run_name={leg}", *COMMON, *LEGS[leg], *extra]
 
 
 def start(storage: Path, overrides: list[str], env: dict, log: Path) -> subprocess.Popen:
@@ -93,7 +96,7 @@ def runs(tmp_path_factory, tiny_model_dir, ref_data, ray_cluster) -> dict:
     marks = tmp_path_factory.mktemp("kill-marks")
 
     def run(leg: str, *extra: str, tag: str = "") -> dict:
-        overrides, _ = config(tiny_model_dir, ref_data, storage, leg, *extra)
+        overrides = config(tiny_model_dir, ref_data, storage, leg, *extra)
         env = dict(ray_cluster)
         if leg in KILL and not tag:
             rank, step = KILL[leg]
@@ -121,8 +124,7 @@ def runs(tmp_path_factory, tiny_model_dir, ref_data, ray_cluster) -> dict:
 def reference(model: Path, data: Path, leg: str, **kw):
     from trainer import config as C
 
-    overrides, _ = config(model, data, Path("/unused"), leg)
-    cfg = C.load("cpu-tiny", overrides)
+    cfg = C.load("cpu-tiny", config(model, data, Path("/unused"), leg))
     args = dict(steps=cfg.schedule.max_steps, world_size=cfg.scaling.num_workers,
                 accumulation=cfg.batch.gradient_accumulation_steps, micro_batch_size=cfg.batch.micro_batch_size,
                 max_length=cfg.data.max_length, packing=cfg.data.packing, seed=cfg.seed, lr=cfg.optim.lr,
@@ -166,7 +168,7 @@ def compare_steps(rows: list[dict], ref, label: str) -> None:
             f"{where}: grad norm {r['grad_norm']} != {s.grad_norm}"
 
 
-def compare_params(run_dir: Path, ref, label: str) -> float:
+def compare_params(run_dir: Path, ref, label: str, tolerance: float = PARAM_ABS) -> float:
     from safetensors.torch import load_file
 
     exported = load_file(str(run_dir / "export" / "model.safetensors"))
@@ -178,7 +180,7 @@ def compare_params(run_dir: Path, ref, label: str) -> float:
         assert got is not None, f"{label}: {name} missing from the export"
         assert got.dtype == torch.float32 and got.shape == want.shape, (label, name, got.dtype, got.shape)
         diff = (got - want).abs().max().item()
-        assert diff <= PARAM_ABS, f"{label}: {name} differs from the reference by {diff:.3g} (> {PARAM_ABS})"
+        assert diff <= tolerance, f"{label}: {name} differs from the reference by {diff:.3g} (> {tolerance})"
         worst = max(worst, diff)
     return worst
 
@@ -209,12 +211,9 @@ def test_every_step_matches_the_reference(runs, refs, leg):
     run = ok(runs[leg])
     rows = records(run["dir"], "train")
     compare_steps(rows, refs[leg], leg)
-    per_epoch = {}
-    for s in refs[leg].steps:
-        per_epoch[s.epoch] = max(per_epoch.get(s.epoch, 0), s.step_in_epoch)
     for r in rows:
         s = next(x for x in refs[leg].steps if x.step == r["step"])
-        assert r["epoch"] == pytest.approx(s.epoch + s.step_in_epoch / per_epoch[0]), (leg, r["step"])
+        assert r["epoch"] == pytest.approx(s.epoch + s.step_in_epoch / s.steps_per_epoch), (leg, r["step"])
     # z2_packed_acc2's run dir holds its rerun's steps too (the fixture has run every leg by now)
     want = {"z3_padded": 12, "z2_packed_acc2": EXTENDED_STEPS, "z2_full_resume": 8, "z3_weights_only": 6}[leg]
     assert sorted({r["step"] for r in rows}) == list(range(1, want + 1))
@@ -268,7 +267,7 @@ def test_weights_only_resume_differs_from_uninterrupted_only_by_adams_moments(ru
     resumed = rows[4]
     assert resumed["lr"] == pytest.approx(ref.steps[RESUMED_AT].lr, rel=LOSS_REL)
     compare_steps(rows, ref, "z3_weights_only")
-    compare_params(run["dir"], ref, "z3_weights_only")
+    compare_params(run["dir"], ref, "z3_weights_only", PARAM_ABS_AFTER_ADAM_RESTART)
     # validation at step 4: the first attempt (Adam's moments from steps 1-3) matches the uninterrupted
     # reference, the resumed attempt the restarted one
     evals = [(e["step"], e["val_loss"]) for e in records(run["dir"], "eval")]
@@ -280,8 +279,12 @@ def test_weights_only_resume_differs_from_uninterrupted_only_by_adams_moments(ru
     from safetensors.torch import load_file
 
     exported = load_file(str(run["dir"] / "export" / "model.safetensors"))
-    gap = max((exported[n] - p).abs().max().item() for n, p in plain.state.items() if n in exported)
-    assert gap > 50 * PARAM_ABS, gap
+
+    def mean_gap(state):
+        diffs = [(exported[n] - p).abs() for n, p in state.items() if n in exported]
+        return float(sum(d.sum() for d in diffs) / sum(d.numel() for d in diffs))
+
+    assert mean_gap(plain.state) > 20 * mean_gap(ref.state), (mean_gap(plain.state), mean_gap(ref.state))
     # and so are its losses after the restart
     assert abs(plain.steps[-1].loss - ref.steps[-1].loss) > 10 * LOSS_REL * ref.steps[-1].loss
 
