@@ -105,3 +105,69 @@ def test_packing_efficiency_beats_padding():
     padded = plan_epoch(lengths, 2048, False, 16, 0, 0, 1)
     assert packed.efficiency > 0.97
     assert padded.efficiency < packed.efficiency
+
+
+def test_padding_batches_of_padded_mode_collate_to_a_row_the_model_runs(tmp_path, tiny_model_dir):
+    """data.packing=false with world size x accumulation > 1: the plan pads the epoch (and the validation split)
+    with empty batches `[[]]`. Each must become one row of padding that the model runs, with no loss and no
+    label (a batch of 0 rows failed in the model's reshape: 'cannot reshape tensor of 0 elements')."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer import config as C
+    from trainer.contexts import LocalContext
+    from trainer.model import CausalLMWithResponseLoss
+    from trainer.recipe import FullFinetuneRecipe
+
+    plan = plan_epoch([5, 7, 9], 16, False, micro_batch_size=1, seed=0, epoch=0, multiple=4)
+    assert plan.batches[-1] == [[]]
+    cfg = C.load("cpu-tiny", [f"model.path={tiny_model_dir}", f"checkpoint.storage_path={tmp_path}",
+                              "data.packing=false"])
+    batch = FullFinetuneRecipe(cfg, LocalContext(tmp_path)).collate(plan.batches[-1], examples=[])
+    assert batch["input_ids"].shape == (1, 1) and (batch["labels"] == IGNORE_INDEX).all()
+    assert (batch["doc_ids"] == -1).all()
+    model = CausalLMWithResponseLoss(AutoModelForCausalLM.from_pretrained(tiny_model_dir), "sdpa")
+    loss, n = model(batch["input_ids"], batch["labels"], batch["position_ids"], batch["doc_ids"], 1.0)
+    assert n.item() == 0 and loss.item() == 0.0
+    loss.backward()  # a worker holding only padding still takes part in the step
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+# ---- flex_attention (the GPU presets' kernel) ---------------------------------------------------------
+
+def _flex_check(repo, tmp_path, *args) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "flex.json"
+    proc = subprocess.run([sys.executable, str(repo / "bench" / "flex_packing_check.py"), "--json-out", str(out),
+                           *args], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_packed_rows_under_flex_attention_give_each_example_its_own_loss_cpu(repo, tmp_path, tiny_model_dir,
+                                                                             synthetic_data_dir):
+    """The recipe's flex path (transformers compiles flex_attention; the document BlockMask from
+    attention_inputs) on a packed row of three real examples and a row of one example + padding: every
+    example's loss equals that example alone through SDPA with plain causal attention (another kernel, no mask).
+    Forward only: flex_attention has no backward on the CPU (the GPU test below does both). The compile costs
+    ~20-40 s on 2 cores."""
+    r = _flex_check(repo, tmp_path, "--device", "cpu", "--forward-only", "--model", str(tiny_model_dir),
+                    "--data", str(synthetic_data_dir))
+    assert len(r["examples"]) == 4 and all(e["tokens"] > 10 for e in r["examples"])
+    assert r["max_loss_diff"] < 2e-5, r["examples"]
+    assert len({round(e["loss_alone"], 3) for e in r["examples"]}) == 4  # four different examples
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU: flex_attention has no backward on the CPU (the CPU test above checks "
+                           "the forward). On a GPU: python bench/flex_packing_check.py --device cuda")
+def test_packed_rows_under_flex_attention_give_each_example_its_own_gradients_gpu(repo, tmp_path):
+    """Forward and backward on the GPU, fp32: each example's loss and its gradient with respect to every
+    parameter, packed under flex vs alone under SDPA."""
+    r = _flex_check(repo, tmp_path, "--device", "cuda")
+    assert not r["forward_only"] and len(r["examples"]) == 4
+    assert r["max_loss_diff"] < 1e-4, r["examples"]
+    assert r["max_grad_rel_diff"] < 1e-3, r["examples"]

@@ -38,6 +38,14 @@ SCRIPT = textwrap.dedent(
     from trainer.contexts import LocalContext
     from trainer.recipe import FullFinetuneRecipe
 
+    def decayed(recipe):
+        # what DeepSpeed's ZeRO-3 optimizer applies weight decay to: its parameter sub-groups, each mapped to a
+        # group of the AdamW it wraps, by that group's weight_decay
+        opt = recipe.optimizer
+        names = {id(p): n for n, p in recipe.engine.module.named_parameters()}
+        return sorted(names[id(p)] for i, sub in enumerate(opt.fp16_groups) for p in sub
+                      if opt.optimizer.param_groups[opt.sub_group_to_group_id[i]]["weight_decay"] > 0)
+
     model_dir, data_dir, out = sys.argv[1:4]
     deepspeed.init_distributed(dist_backend="gloo")
     result = {}
@@ -73,8 +81,26 @@ SCRIPT = textwrap.dedent(
             "module_training": [m.training for m in recipe.engine.module.modules()].count(False) == 0,
             "compiled": recipe.engine.is_compiled, "graphs": counters["stats"]["unique_graphs"],
             "keys": sorted(recipe.engine.module.state_dict()),
+            "decayed": decayed(recipe),
         }
         del recipe
+    # The end-of-run export runs in a watchdog phase: stalled there, the worker fails naming it (limit 2 s).
+    import time
+    from trainer.watchdog import PhaseTimeout
+    os.environ["DOLLY_TEST_STALL"] = "0:export"
+    cfg = C.load("cpu-tiny", [f"model.path={model_dir}", f"data.path={data_dir}", "deepspeed.stage=3",
+                              f"checkpoint.storage_path={out}/stall", "scaling.num_workers=1"])
+    recipe = FullFinetuneRecipe(cfg, LocalContext(cfg.run_dir()))
+    try:
+        recipe.setup()
+        recipe.setup_limit_s = 2  # what watchdog.setup_s=2 would give the phases after setup
+        t0 = time.monotonic()
+        recipe.export(f"{out}/stalled-export")
+        result["export_stall"] = {"error": None}
+    except PhaseTimeout as e:
+        result["export_stall"] = {"error": str(e).splitlines()[0], "seconds": time.monotonic() - t0}
+    finally:
+        recipe.cleanup()
     print("RESULT " + json.dumps(result))
     """
 )
@@ -125,6 +151,28 @@ def test_compiled_model_trains_with_the_eager_losses(legs):
     assert compiled["losses"] == pytest.approx(eager["losses"], rel=1e-5)
     assert eager["losses"][1] < eager["losses"][0]  # the step trained: equal losses are not two frozen models
     assert compiled["keys"] == eager["keys"]
+
+
+@pytest.mark.slow
+def test_weight_decay_reaches_every_matrix_under_zero3(legs, tiny_model_dir):
+    """zero.Init replaces every parameter with an empty partition of shape (0,) before the optimizer groups are
+    made: split by `p.ndim`, no parameter decayed under ZeRO-3. Decided on the real shape, the decay group is
+    every matrix of the plain model (the embedding and the linear weights), and no norm weight."""
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    matrices = sorted(n for n, p in plain.named_parameters() if p.ndim >= 2)
+    assert len(matrices) == 1 + 7 * plain.config.num_hidden_layers  # embedding (tied head) + 7 linears a layer
+    assert [n.removeprefix("model.") for n in legs["noac"]["decayed"]] == matrices
+    assert not any("norm" in n for n in legs["noac"]["decayed"])
+
+
+@pytest.mark.slow
+def test_end_of_run_export_runs_under_the_watchdog(legs):
+    """A rank stuck in the export (ZeRO-3's gather is a collective) fails naming the phase, within its limit."""
+    stall = legs["export_stall"]
+    assert stall["error"] and "in phase 'export' (limit 2 s" in stall["error"], stall
+    assert stall["seconds"] < 30, stall
 
 
 # ---- preflight: GPU memory estimate and checkpoint size -----------------------------------------------
@@ -237,7 +285,9 @@ WEIGHTS_ONLY = textwrap.dedent(
     deepspeed.init_distributed(dist_backend="gloo")
     recipe = FullFinetuneRecipe(cfg, LocalContext(cfg.run_dir()))
     recipe.setup()
-    first = {"step": recipe.progress.global_step, "lr_epoch": recipe.scheduler.last_epoch}
+    first = {"step": recipe.progress.global_step, "lr_epoch": recipe.scheduler.last_epoch,
+             "optimizer_lr": recipe.scheduler.optimizer.param_groups[0]["lr"],
+             "scheduler_lr": recipe.scheduler.get_last_lr()[0]}
     if first["step"]:
         ckpt = recipe.ctx.latest_checkpoint()
         saved = load_file(str(ckpt / "hf" / "model.safetensors"))
@@ -267,13 +317,21 @@ def test_weights_only_checkpoint_resumes_weights_schedule_and_position(tmp_path,
     ckpt = run / "checkpoint_00000004"
     assert not (ckpt / "deepspeed").exists()  # no optimizer state on the volume
     assert (ckpt / "hf" / "model.safetensors").is_file() and (ckpt / "scheduler.pt").is_file()
-    assert first == {"step": 0, "lr_epoch": 0}
+    assert first == {"step": 0, "lr_epoch": 0, "optimizer_lr": pytest.approx(1e-4),  # warm-up step 1 of 20
+                     "scheduler_lr": pytest.approx(1e-4)}
     second, out = go(6, 29544)
-    assert second == {"step": 4, "lr_epoch": 4, "weights_equal": True}, second
+    # the fresh optimizer runs step 5 at the schedule's step-5 LR (5 of 20 warm-up steps x 2e-3), not at its
+    # step-1 value: LambdaLR.load_state_dict alone leaves the optimizer's lr untouched
+    assert second == {"step": 4, "lr_epoch": 4, "weights_equal": True, "optimizer_lr": pytest.approx(5e-4),
+                      "scheduler_lr": pytest.approx(5e-4)}, second
     assert "Adam's moments restart" in out
     train = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [m["step"] for m in train if m["kind"] == "train"]
     assert steps == [1, 2, 3, 4, 5, 6]
+    lr = {m["step"]: m["lr"] for m in train if m["kind"] == "train"}  # the LR each step used
+    assert [lr[s] for s in steps] == pytest.approx([s * 2e-3 / 20 for s in steps])
+    # the final checkpoint is on the volume before the end-of-run validation starts
+    assert [m["kind"] for m in train if m["kind"] in ("checkpoint", "eval")][-2:] == ["checkpoint", "eval"]
     # the resumed steps continue the loss curve (no jump back to the untrained loss of step 1)
     loss = {m["step"]: m["loss"] for m in train if m["kind"] == "train"}
     assert loss[5] < loss[1] and loss[6] < loss[1]

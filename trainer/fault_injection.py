@@ -62,3 +62,18 @@ def _test_oom(step: int, rank: int) -> None:
         import torch
 
         raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (DOLLY_TEST_OOM_AT_STEP={at})")
+
+
+def _test_kill(step: int, rank: int) -> None:
+    """DOLLY_TEST_KILL_AT_STEP="RANK:STEP:MARKER": that rank's process SIGKILLs itself as it enters optimizer step
+    STEP, once: it creates the file MARKER first, and a restarted worker that finds it goes on (a worker that
+    dies mid-run, as on a lost node: Ray Train restarts the group from the latest checkpoint)."""
+    spec = os.environ.get("DOLLY_TEST_KILL_AT_STEP", "")
+    if not spec:
+        return
+    r, s, marker = spec.split(":", 2)
+    if int(r) == rank and int(s) == step and not os.path.exists(marker):
+        import signal
+
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)

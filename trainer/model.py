@@ -36,6 +36,14 @@ class CausalLMWithResponseLoss(torch.nn.Module):
         return loss_sum * scale, keep.sum()
 
 
+def decays(p: torch.nn.Parameter) -> bool:
+    """Whether AdamW's weight decay applies: to matrices (linear weights, the embedding), never to vectors (norm
+    weights, biases). Decided on the parameter's real shape: under ZeRO-3, `zero.Init` has already replaced every
+    tensor with an empty partition of shape (0,) and keeps the shape in `ds_shape` (with `p.ndim`, no parameter
+    decayed under ZeRO-3)."""
+    return len(getattr(p, "ds_shape", p.shape)) >= 2
+
+
 def restore_fp32_rope(model: torch.nn.Module) -> int:
     """Give every rotary embedding back its fp32 inverse frequencies; returns how many were recomputed.
 

@@ -37,12 +37,12 @@ from trainer.config import ConfigError, TrainConfig, deepspeed_config
 from trainer.data.packing import EpochPlan, collate_packed, collate_padded, plan_epoch, shard_batches
 from trainer.export import copy_tokenizer, save_hf_folder
 from trainer.failures import FatalError
-from trainer.fault_injection import _test_oom, _test_stall
+from trainer.fault_injection import _test_kill, _test_oom, _test_stall
 from trainer.log import datasets_progress_bars, get_logger
 from trainer.memory import check_gpu_memory, check_volume, checkpoint_bytes
 from trainer.metrics import MetricLogger
 from trainer.mfu import measure_peak_flops, mfu
-from trainer.model import CausalLMWithResponseLoss, restore_fp32_rope, set_checkpointed_layers
+from trainer.model import CausalLMWithResponseLoss, decays, restore_fp32_rope, set_checkpointed_layers
 from trainer.preemption import Preempted, StopOnSigterm
 from trainer.prompt import IGNORE_INDEX
 from trainer.watchdog import Watchdog, default_limits
@@ -56,6 +56,8 @@ class Progress:
     step_in_epoch: int = 0  # optimizer steps done in `epoch`
     global_step: int = 0
     tokens_seen: int = 0
+    # The LR schedule's length, fixed when the run started (`_schedule_steps`); None in older checkpoints.
+    schedule_steps: int | None = None
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int):
@@ -99,6 +101,7 @@ class FullFinetuneRecipe:
         # A weights-only checkpoint holds the model as a Hugging Face folder: build the model from it.
         weights_only = resume_from is not None and not (resume_from / "deepspeed").is_dir()
         self.weights_path = str(resume_from / "hf") if weights_only else self.cfg.model.path
+        self.schedule_steps = self._schedule_steps(resume_from)
         self._preflight_resources()
         with self.phase("model build", self.setup_limit_s):
             model = self._setup_model()
@@ -106,7 +109,7 @@ class FullFinetuneRecipe:
         self.setup_limit_s, self.step_limit_s = default_limits(self.cfg, self.n_params)
         with self.phase("deepspeed.initialize", self.setup_limit_s):
             self._setup_engine(model)
-        self.progress = Progress()
+        self.progress = Progress(schedule_steps=self.schedule_steps)
         self._fingerprint = 0
         with self.phase("resume", self.setup_limit_s):
             self._maybe_resume(resume_from)
@@ -167,6 +170,29 @@ class FullFinetuneRecipe:
         full = self.steps_per_epoch * self.cfg.schedule.epochs
         self.total_steps = self.cfg.schedule.max_steps or full
 
+    def _schedule_steps(self, ckpt: Path | None) -> int:
+        """The LR schedule's length in optimizer steps. It is fixed when a run starts and kept in every checkpoint:
+        a resume that changes `schedule.max_steps` or `schedule.epochs` changes where the run stops, never the LR
+        curve (re-stretching a cosine mid-run made the LR jump). Past the planned length the LR stays at its
+        final value (`min_lr_ratio` x lr); a shorter run stops part-way down the curve."""
+        if ckpt is None:
+            return self.total_steps
+        planned = json.loads((ckpt / "progress.json").read_text()).get("schedule_steps")
+        if planned is None and (ckpt / "config.yaml").is_file():  # written before the length was recorded
+            import yaml
+
+            old = (yaml.safe_load((ckpt / "config.yaml").read_text()) or {}).get("schedule", {})
+            planned = old.get("max_steps") or self.steps_per_epoch * old.get("epochs", self.cfg.schedule.epochs)
+        planned = planned or self.total_steps
+        if planned != self.total_steps and self.is_main and self.cfg.schedule.decay != "constant":
+            after = (f"steps {planned + 1}-{self.total_steps} run at the schedule's final LR "
+                     f"({self.cfg.schedule.min_lr_ratio:g} x optim.lr)" if self.total_steps > planned
+                     else "it stops before the LR has decayed to its final value")
+            log.warning(f"the run's length changed on resume: it now ends at step {self.total_steps}, but the LR "
+                        f"schedule keeps the {planned} steps planned when the run started ({ckpt / 'progress.json'}): "
+                        f"{after}. For a new curve, start a new run (another checkpoint.run_name).")
+        return planned
+
     def _plan(self, epoch: int) -> EpochPlan:
         return plan_epoch(self.lengths, self.cfg.data.max_length, self.cfg.data.packing,
                           self.cfg.batch.micro_batch_size, self.cfg.seed, epoch,
@@ -200,8 +226,8 @@ class FullFinetuneRecipe:
         import deepspeed
 
         o = self.cfg.optim
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+        decay = [p for p in model.parameters() if decays(p)]
+        no_decay = [p for p in model.parameters() if not decays(p)]
         groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         if self.cfg.deepspeed.offload_optimizer:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -211,7 +237,7 @@ class FullFinetuneRecipe:
             fused = self.device.type == "cuda"
             optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused,
                                           foreach=None if fused else True)
-        schedule = lr_lambda(self.cfg, self.total_steps)
+        schedule = lr_lambda(self.cfg, self.schedule_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
@@ -242,9 +268,14 @@ class FullFinetuneRecipe:
                 raise RuntimeError(f"{ckpt}: no DeepSpeed state could be loaded")
         else:  # weights-only: the model came from <ckpt>/hf in setup; the LR schedule continues, Adam restarts
             self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
+            # LambdaLR.load_state_dict restores the scheduler's counters but not the fresh optimizer's lr, which
+            # still holds the schedule's step-0 value: without this the first resumed step ran at that LR.
+            for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
+                group["lr"] = lr
             if self.is_main:
                 log.info(f"{ckpt} is a weights-only checkpoint: Adam's moments restart from zero")
         self.progress = Progress(**json.loads((ckpt / "progress.json").read_text()))
+        self.progress.schedule_steps = self.schedule_steps
         rng = ckpt / f"rng_rank{self.ctx.rank}.pt"
         if rng.exists():
             state = torch.load(rng, weights_only=False)
@@ -283,6 +314,8 @@ class FullFinetuneRecipe:
         # DeepSpeed divides by A (gradient accumulation) and averages over W workers; undo both so the
         # step's gradient is the mean over every response token of the global batch.
         scale = W * A / max(global_labels, 1)
+        # the LR this step's update uses (the scheduler moves it on at the step's last micro-batch)
+        self.step_lr = self.scheduler.optimizer.param_groups[0]["lr"]
         loss_total = torch.zeros((), device=self.device)
         for mb in micro:
             mb = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
@@ -326,6 +359,7 @@ class FullFinetuneRecipe:
                 micro, global_labels, real = self.step_batches(plan, p.step_in_epoch)
                 with self.phase(f"optimizer step {p.global_step + 1}", self.step_limit_s):
                     _test_oom(p.global_step + 1, self.ctx.rank)
+                    _test_kill(p.global_step + 1, self.ctx.rank)
                     out = self.train_step(micro, global_labels)
                 loss_acc += out["loss_scaled_sum"] / (self.ctx.world_size * self.accum)
                 p.step_in_epoch += 1
@@ -350,9 +384,10 @@ class FullFinetuneRecipe:
             if p.step_in_epoch >= self.steps_per_epoch:
                 p.epoch += 1
                 p.step_in_epoch = 0
-        self._log_eval()
+        # The final checkpoint first: a failure or a hang in the last validation then loses nothing.
         if last_ckpt_step != p.global_step:
             self.save_checkpoint(final=True)
+        self._log_eval()
         if bar is not None:
             bar.close()
 
@@ -384,7 +419,7 @@ class FullFinetuneRecipe:
             "step": p.global_step,
             "epoch": p.epoch + p.step_in_epoch / max(self.steps_per_epoch, 1),
             "loss": loss,
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": self.step_lr,  # the last step's (get_last_lr() is already the next step's)
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_s": tps,
             "tokens_per_s_per_worker": tps / self.ctx.world_size,
@@ -489,12 +524,17 @@ class FullFinetuneRecipe:
     def _save_weights_only(self, d: Path) -> None:
         """A weights-only checkpoint: the training-dtype weights as a Hugging Face folder (<d>/hf) and the
         LR scheduler; with progress and RNG (written by the caller) that is what a resume needs."""
-        self.export(d / "hf")
+        self._export(d / "hf")  # inside the 'checkpoint save' phase
         if self.is_main:
             torch.save(self.scheduler.state_dict(), d / "scheduler.pt")
 
     def export(self, out: str | Path) -> Path | None:
-        """Consolidated Hugging Face folder (all ranks must call: ZeRO-3 gathers the shards)."""
+        """Consolidated Hugging Face folder (all ranks must call: ZeRO-3 gathers the shards), under the watchdog
+        like every other phase: a rank that never joins the gather would hang the others."""
+        with self.phase("export", self.setup_limit_s):
+            return self._export(out)
+
+    def _export(self, out: str | Path) -> Path | None:
         module = self.engine.module
         if self.cfg.deepspeed.stage == 3:
             state = self.engine._zero3_consolidated_16bit_state_dict()

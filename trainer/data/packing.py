@@ -121,7 +121,11 @@ def collate_packed(examples_per_row: list[list[dict]], max_length: int) -> dict:
 
 
 def collate_padded(examples: list[dict]) -> dict:
-    """Right-padded batch to the longest example; padding is its own segment (doc -1)."""
+    """Right-padded batch to the longest example; padding is its own segment (doc -1). No examples (the plan's
+    padding batch, `[[]]`) give one row of padding, as a packed padding batch does: every worker runs every
+    micro-step, and the row adds nothing to the loss (a batch of 0 rows failed in the model's reshape)."""
+    if not examples:
+        return collate_packed([[]], 1)
     L = max((len(ex["input_ids"]) for ex in examples), default=1)
     return collate_packed([[ex] for ex in examples], L)
 
