@@ -166,8 +166,11 @@ def test_packed_rows_under_flex_attention_give_each_example_its_own_loss_cpu(rep
                            "the forward). On a GPU: python bench/flex_packing_check.py --device cuda")
 def test_packed_rows_under_flex_attention_give_each_example_its_own_gradients_gpu(repo, tmp_path):
     """Forward and backward on the GPU, fp32: each example's loss and its gradient with respect to every
-    parameter, packed under flex vs alone under SDPA."""
+    parameter, packed under flex vs alone under SDPA. Measured on one H100 (2026-12-06, torch 2.11.0+cu130,
+    transformers 5.17.0; docs/benchmarks/run11-h100-flex): loss difference <= 9.5e-7, gradient relative
+    difference <= 8.2e-7. The bounds are ten times that: a mask that let one example see another moves both by
+    orders of magnitude more (the SDPA test above: up to 0.29 in the loss)."""
     r = _flex_check(repo, tmp_path, "--device", "cuda")
     assert not r["forward_only"] and len(r["examples"]) == 4
-    assert r["max_loss_diff"] < 1e-4, r["examples"]
-    assert r["max_grad_rel_diff"] < 1e-3, r["examples"]
+    assert r["max_loss_diff"] < 1e-5, r["examples"]
+    assert r["max_grad_rel_diff"] < 1e-5, r["examples"]
