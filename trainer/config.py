@@ -329,6 +329,9 @@ def _lora_checks(cfg: TrainConfig) -> None:
         raise ConfigError(f"lora.target_modules: expected a non-empty list of module names, got {lc.target_modules!r}")
     if "all-linear" in lc.target_modules and len(lc.target_modules) > 1:
         raise ConfigError("lora.target_modules: 'all-linear' stands alone (it already means every linear layer)")
+    if not cfg.checkpoint.save_optimizer_state:
+        raise ConfigError("checkpoint.save_optimizer_state: must stay true with lora.method "
+                          f"{lc.method}: a LoRA checkpoint is the adapter and its optimizer state only (tens of MB)")
     if lc.method == "qlora":
         if cfg.deepspeed.stage != 2:
             raise ConfigError(
