@@ -115,3 +115,22 @@ def test_eval_adapter_check(tmp_path):
         eval_adapter.check_adapter(_adapter(tmp_path / "b", r=1024))
     with pytest.raises(EvalInputError, match="not a PEFT adapter folder"):
         eval_adapter.check_adapter(tmp_path / "missing")
+
+
+def test_eval_job_passes_an_empty_adapter_as_none(tmp_path):
+    """manifests/eval-job.yaml always passes `--adapter $(ADAPTER_DIR)`; its ConfigMap default is empty = none."""
+    import argparse
+
+    from evaluator.config import add_run_arguments, from_args
+
+    parser = argparse.ArgumentParser()
+    add_run_arguments(parser)
+    common = ["--model", "m", "--data", "d", "--out", "o"]
+    assert from_args(parser.parse_args([*common, "--adapter", ""])).adapter == ""
+    assert from_args(parser.parse_args([*common, "--adapter", "a"])).adapter == "a"
+    import yaml
+
+    docs = [d for d in yaml.safe_load_all((Path(__file__).parents[1] / "manifests/eval-job.yaml").read_text()) if d]
+    assert docs[0]["data"]["ADAPTER_DIR"] == ""
+    tuned = [c for c in docs[1]["spec"]["template"]["spec"]["initContainers"] if c["name"] == "eval-tuned"][0]
+    assert tuned["command"][tuned["command"].index("--adapter") + 1] == "$(ADAPTER_DIR)"
