@@ -180,7 +180,7 @@ def export_adapter_and_merged(cfg: TrainConfig, adapter: dict, out: str | Path, 
     from peft import get_peft_model
 
     from trainer.atomic import atomic_dir
-    from trainer.export import copy_tokenizer, save_hf_folder
+    from trainer.hf_folder import copy_tokenizer, save_hf_folder
 
     out = Path(out)
     adapter_out = adapter_dir_for(out)
