@@ -156,6 +156,48 @@ def trainable_count(cfg: TrainConfig) -> int:
     return n
 
 
+def adapted_linears(cfg: TrainConfig, model_config) -> list[tuple[str, int, int]]:
+    """(name, in, out) of one decoder layer's linears that get adapters, from the model config alone."""
+    H, I = model_config.hidden_size, model_config.intermediate_size
+    heads = model_config.num_attention_heads
+    kv = getattr(model_config, "num_key_value_heads", heads) or heads
+    hd = getattr(model_config, "head_dim", None) or H // heads
+    layer = [("q_proj", H, heads * hd), ("k_proj", H, kv * hd), ("v_proj", H, kv * hd), ("o_proj", heads * hd, H),
+             ("gate_proj", H, I), ("up_proj", H, I), ("down_proj", I, H)]
+    targets = peft_target_modules(cfg)
+    return [t for t in layer if targets == ALL_LINEAR or t[0] in targets]
+
+
+def memory_terms(cfg: TrainConfig, model_config, n_params: int, W: int, half: int, tokens: int,
+                 activations: float) -> tuple[float, float, float, float]:
+    """Per-GPU bytes of (weights, gradients, optimizer, activations) for a LoRA/QLoRA run (trainer/memory.py):
+    the frozen base without gradients or optimizer state (4-bit for QLoRA: half a byte per linear weight plus its
+    quantization constants), the adapter's gradients, fp32 master copy and Adam moments, and the activations
+    the adapters add: with dropout, peft keeps each adapted linear's dropped-out input for the backward pass."""
+    linears = adapted_linears(cfg, model_config)
+    L = model_config.num_hidden_layers
+    trainable = L * sum(cfg.lora.r * (i + o) for _, i, o in linears)
+    if cfg.lora.method == "qlora":
+        H, I = model_config.hidden_size, model_config.intermediate_size
+        heads = model_config.num_attention_heads
+        kv = getattr(model_config, "num_key_value_heads", heads) or heads
+        hd = getattr(model_config, "head_dim", None) or H // heads
+        quantized = L * (2 * H * heads * hd + 2 * H * kv * hd + 3 * H * I)
+        # 4 bits a weight + one absmax per 64 (fp32, or 8 bits + a second-level constant with double quant)
+        per_weight = 0.5 + (1.0 / 64 + 4 / (64 * 256) if cfg.lora.double_quant else 4 / 64)
+        weights = quantized * per_weight + (n_params - quantized) * half
+    else:
+        weights = n_params * half / (W if cfg.deepspeed.stage == 3 else 1)
+    weights += trainable * half
+    grads = trainable * half + (trainable * 4 / W if cfg.deepspeed.stage == 2 else 0)
+    optimizer = 0 if cfg.deepspeed.offload_optimizer else trainable * ((4 if half == 2 else 0) + 8) / W
+    if cfg.lora.dropout > 0:
+        n_ckpt = cfg.model.activation_checkpointing_layers
+        kept = L if not cfg.model.activation_checkpointing else (L - (L if n_ckpt is None else min(n_ckpt, L)) + 1)
+        activations += tokens * kept * sum(i for _, i, _ in linears) * half
+    return weights, grads, optimizer, activations
+
+
 def adapter_state(state: dict) -> dict:
     """Only the adapter's tensors of a state dict with the recipe's names (`model.` prefix of the loss wrapper
     removed), e.g. model.layers.0.self_attn.q_proj.lora_A.default.weight."""

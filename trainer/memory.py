@@ -86,6 +86,11 @@ def estimate_gpu_memory(cfg, model_config, n_params: int, world_size: int) -> Me
         activations = tokens * n_layers * per_layer * half
     # LM head over label positions (at most every token): fp32 logits, their gradient and the bf16 product.
     lm_head = tokens * V * (4 + 4 + half) * 0.5  # ~half the positions carry a label in Dolly's prompts
+    if cfg.lora.enabled:  # LoRA: frozen base, adapter-sized gradients and optimizer (trainer/lora.py)
+        from trainer.lora import memory_terms
+
+        weights, grads, optimizer, activations = memory_terms(cfg, model_config, n_params, W, half, tokens,
+                                                              activations)
 
     total = weights + grads + optimizer + activations + lm_head
     return MemoryEstimate(*(x / GIB for x in (weights, grads, optimizer, activations, lm_head, total)))
