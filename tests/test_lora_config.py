@@ -134,3 +134,27 @@ def test_eval_job_passes_an_empty_adapter_as_none(tmp_path):
     assert docs[0]["data"]["ADAPTER_DIR"] == ""
     tuned = [c for c in docs[1]["spec"]["template"]["spec"]["initContainers"] if c["name"] == "eval-tuned"][0]
     assert tuned["command"][tuned["command"].index("--adapter") + 1] == "$(ADAPTER_DIR)"
+
+
+@pytest.mark.parametrize("targets", ["[all-linear]", "[q_proj, v_proj, down_proj]"])
+def test_adapter_size_counted_from_config_equals_peft(tiny_model_dir, targets):
+    """The preflight's adapter size (meta device, and the closed form the memory estimate uses) equals what peft
+    itself makes trainable on the real model."""
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from trainer import lora
+    from trainer.memory import estimate_gpu_memory
+
+    cfg = C.load("cpu-tiny-lora", [f"model.path={tiny_model_dir}", f"lora.target_modules={targets}"])
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora.peft_config(cfg))
+    want = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    mc = AutoConfig.from_pretrained(tiny_model_dir)
+    closed = mc.num_hidden_layers * sum(cfg.lora.r * (i + o) for _, i, o in lora.adapted_linears(cfg, mc))
+    assert lora.trainable_count(cfg) == closed == want
+    n = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
+    full, adapter = estimate_gpu_memory(C.load("cpu-tiny", [f"model.path={tiny_model_dir}"]), mc, n, 2), \
+        estimate_gpu_memory(cfg, mc, n, 2)
+    # fp32 on 2 ZeRO-2 workers: Adam's two moments (8 bytes) over the world size, for the adapter only
+    assert adapter.optimizer_gib == pytest.approx(want * 8 / 2 / 2**30)
+    assert adapter.gradients_gib < full.gradients_gib / 10 and adapter.optimizer_gib < full.optimizer_gib / 10
