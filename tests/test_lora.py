@@ -58,6 +58,11 @@ def adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(adapter_dir / "adapter_model.safetensors")
 
 
+def n_adapted(model_dir: Path) -> int:
+    """Linears that 'all-linear' adapts: q/k/v/o and gate/up/down of every decoder layer (never the LM head)."""
+    return 7 * json.loads((Path(model_dir) / "config.json").read_text())["num_hidden_layers"]
+
+
 def kill_rank1_after_a_checkpoint(run_dir: Path, pid_dir: Path, killed: dict) -> None:
     """SIGKILL rank 1 once a checkpoint is registered with Ray Train and at least one step past it is logged."""
     deadline = time.time() + 500
@@ -91,14 +96,14 @@ def runs(tmp_path_factory, tiny_model_dir, synthetic_data_dir, ray_cluster):
     return {"tmp": tmp, "killed": killed}
 
 
-def test_loss_falls_and_every_adapter_trained(runs):
+def test_loss_falls_and_every_adapter_trained(runs, tiny_model_dir):
     run = runs["tmp"] / "straight"
     losses = [m["loss"] for m in metrics(run)]
     assert [m["step"] for m in metrics(run)] == list(range(1, STEPS + 1))
     assert losses[-1] < losses[0] - 0.05, losses
     tensors = adapter_tensors(run / "export-adapter")
     b = {k: v for k, v in tensors.items() if ".lora_B." in k}
-    assert len(b) == 2 * 7  # 2 layers x q/k/v/o/gate/up/down: 'all-linear', never the LM head
+    assert len(b) == n_adapted(tiny_model_dir)
     # peft starts every B at zero; with activation checkpointing, adapters behind checkpointed segments that got
     # no gradient would stay exactly zero without any error (the upstream pitfall)
     still_zero = [k for k, v in b.items() if not v.abs().sum() > 0]
@@ -176,7 +181,7 @@ def test_merged_export_equals_peft_model_and_lora_arithmetic(runs, tiny_model_di
         delta = scale * ad[key.replace(".lora_A.", ".lora_B.")] @ ad[key]
         torch.testing.assert_close(w1[name], w0[name] + delta, rtol=0, atol=1e-6)
         adapted.add(name)
-    assert len(adapted) == 14
+    assert len(adapted) == n_adapted(tiny_model_dir)
     for name in set(w0) - adapted:
         assert torch.equal(w1[name], w0[name]), name
     record = json.loads((merged_dir / "lora_export.json").read_text())
@@ -201,11 +206,11 @@ def test_export_of_a_checkpoint_equals_the_live_export(runs, tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0)
 
 
-def test_qlora_trains_on_a_4bit_base_on_cpu(runs):
+def test_qlora_trains_on_a_4bit_base_on_cpu(runs, tiny_model_dir):
     run = runs["tmp"] / "qlora"
     assert [m["step"] for m in metrics(run)] == [1, 2, 3]
     b = {k: v for k, v in adapter_tensors(run / "export-adapter").items() if ".lora_B." in k}
-    assert len(b) == 14 and all(v.abs().sum() > 0 for v in b.values())
+    assert len(b) == n_adapted(tiny_model_dir) and all(v.abs().sum() > 0 for v in b.values())
     record = json.loads((run / "export" / "lora_export.json").read_text())
     assert record["method"] == "qlora"
     d = record["qlora_logits_distance"]  # merged (fp32 base + adapter) vs adapter on the NF4 base it trained on
