@@ -118,7 +118,7 @@ def test_eval_adapter_check(tmp_path):
 
 
 def test_eval_job_passes_an_empty_adapter_as_none(tmp_path):
-    """manifests/eval-job.yaml always passes `--adapter $(ADAPTER_DIR)`; its ConfigMap default is empty = none."""
+    """manifests/eval-job*.yaml always pass `--adapter $(ADAPTER_DIR)`; the ConfigMap default is empty = none."""
     import argparse
 
     from evaluator.config import add_run_arguments, from_args
@@ -130,10 +130,13 @@ def test_eval_job_passes_an_empty_adapter_as_none(tmp_path):
     assert from_args(parser.parse_args([*common, "--adapter", "a"])).adapter == "a"
     import yaml
 
-    docs = [d for d in yaml.safe_load_all((Path(__file__).parents[1] / "manifests/eval-job.yaml").read_text()) if d]
-    assert docs[0]["data"]["ADAPTER_DIR"] == ""
-    tuned = [c for c in docs[1]["spec"]["template"]["spec"]["initContainers"] if c["name"] == "eval-tuned"][0]
-    assert tuned["command"][tuned["command"].index("--adapter") + 1] == "$(ADAPTER_DIR)"
+    for name in ("eval-job.yaml", "eval-job-cpu.yaml"):  # tests/test_chart_contract.py runs the CPU one for real
+        docs = [d for d in yaml.safe_load_all((Path(__file__).parents[1] / "manifests" / name).read_text()) if d]
+        assert docs[0]["data"]["ADAPTER_DIR"] == "", name
+        tuned = [c for c in docs[1]["spec"]["template"]["spec"]["initContainers"] if c["name"] == "eval-tuned"][0]
+        assert tuned["command"][tuned["command"].index("--adapter") + 1] == "$(ADAPTER_DIR)", name
+        env = {e["name"]: e for e in tuned["env"]}
+        assert env["ADAPTER_DIR"]["valueFrom"]["configMapKeyRef"]["key"] == "ADAPTER_DIR", name
 
 
 @pytest.mark.parametrize("targets", ["[all-linear]", "[q_proj, v_proj, down_proj]"])
