@@ -81,8 +81,8 @@ def kill_rank1_after_a_checkpoint(run_dir: Path, pid_dir: Path, killed: dict) ->
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_dir, synthetic_data_dir, ray_cluster):
     """ZeRO-2 LoRA on 2 workers, 8 steps, activation checkpointing on (the preset): once straight, once with rank 1
-    SIGKILLed mid-run (Ray Train restarts the group from the latest checkpoint); QLoRA (4-bit NF4 base on
-    bitsandbytes' CPU backend) on 2 workers, 3 steps of one row."""
+    SIGKILLed mid-run (Ray Train restarts the group from the latest checkpoint); ZeRO-3 on 2 workers, 3 steps;
+    QLoRA (4-bit NF4 base on bitsandbytes' CPU backend) on 2 workers, 3 steps of one row."""
     tmp = tmp_path_factory.mktemp("lora-runs")
     args = (tiny_model_dir, synthetic_data_dir)
     train(tmp, *args, "straight", f"schedule.max_steps={STEPS}", env=ray_cluster)
@@ -91,6 +91,8 @@ def runs(tmp_path_factory, tiny_model_dir, synthetic_data_dir, ray_cluster):
     t.start()
     train(tmp, *args, "killed", f"schedule.max_steps={STEPS}", env={**ray_cluster, "DOLLY_PID_DIR": str(pid_dir)})
     t.join(timeout=5)
+    train(tmp, *args, "zero3", "deepspeed.stage=3", "schedule.max_steps=3", "checkpoint.every_steps=100",
+          env=ray_cluster)
     train(tmp, *args, "qlora", "lora.method=qlora", "schedule.max_steps=3", "batch.micro_batch_size=1",
           "logging.eval_max_batches=1", env=ray_cluster)
     return {"tmp": tmp, "killed": killed}
@@ -204,6 +206,27 @@ def test_export_of_a_checkpoint_equals_the_live_export(runs, tmp_path):
     a, b = load_file(run / "export" / "model.safetensors"), load_file(tmp_path / "off" / "model.safetensors")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0)
+
+
+def test_zero3_on_two_workers_saves_the_whole_adapter(runs, tiny_model_dir, tmp_path):
+    """ZeRO-3 shards every adapter over the 2 ranks: the end-of-run export gathers them (never the 0-element
+    placeholders of the 'empty adapter' reports), both ranks' shards are in the checkpoint, and `dolly-train
+    export` of it (DeepSpeed's zero_to_fp32 over both shards) gives the same adapter."""
+    from trainer.cli import main
+
+    run = runs["tmp"] / "zero3"
+    assert [m["step"] for m in metrics(run)] == [1, 2, 3]
+    live = adapter_tensors(run / "export-adapter")
+    assert len(live) == 2 * n_adapted(tiny_model_dir)
+    assert all(v.numel() > 0 and 8 in v.shape for v in live.values())
+    assert all(v.abs().sum() > 0 for k, v in live.items() if ".lora_B." in k)
+    shards = sorted(p.name for p in (run / "checkpoint_00000003" / "deepspeed" / "state").iterdir())
+    assert any("zero_pp_rank_0" in s for s in shards) and any("zero_pp_rank_1" in s for s in shards), shards
+    assert main(["export", "--checkpoint", str(run / "checkpoint_00000003"), "--out", str(tmp_path / "off")]) == 0
+    off = adapter_tensors(tmp_path / "off-adapter")
+    assert set(off) == set(live)
+    for k in live:
+        torch.testing.assert_close(off[k], live[k], rtol=0, atol=0)
 
 
 def test_qlora_trains_on_a_4bit_base_on_cpu(runs, tiny_model_dir):
