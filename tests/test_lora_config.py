@@ -137,6 +137,9 @@ def test_eval_job_passes_an_empty_adapter_as_none(tmp_path):
         assert tuned["command"][tuned["command"].index("--adapter") + 1] == "$(ADAPTER_DIR)", name
         env = {e["name"]: e for e in tuned["env"]}
         assert env["ADAPTER_DIR"]["valueFrom"]["configMapKeyRef"]["key"] == "ADAPTER_DIR", name
+        # the export wait takes it too: with an adapter, MODEL_DIR is the base and the adapter folder is awaited
+        wait = [c for c in docs[1]["spec"]["template"]["spec"]["initContainers"] if c["name"] == "wait-export"][0]
+        assert wait["command"][wait["command"].index("--adapter") + 1] == "$(ADAPTER_DIR)", name
 
 
 @pytest.mark.parametrize("targets", ["[all-linear]", "[q_proj, v_proj, down_proj]"])
