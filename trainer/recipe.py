@@ -472,6 +472,12 @@ class FullFinetuneRecipe:
             loss_sum, n = self.engine(mb["input_ids"], mb["labels"], mb["position_ids"], mb["doc_ids"], 1.0)
             total += torch.stack([loss_sum.float(), n.float()])
         self.engine.train()
+        if self.cfg.deepspeed.stage == 3:
+            # A forward-only pass leaves ZeRO-3's parameters gathered (no backward ends with the release); the
+            # validation now comes last in train(), after the final checkpoint, so without this the whole model
+            # stays materialized on every rank into the export (and the export's LoRA gather test sees no
+            # partitioned placeholders). Every rank runs this, like the validation itself.
+            self.engine.empty_partition_cache()
         self._all_reduce(total)
         return (total[0] / total[1].clamp(min=1)).item()
 
