@@ -85,7 +85,21 @@ VARIANTS = {
     "1gpu-compile": ["model.compile=torch"],
     "1gpu-compile-sac-k26": ["model.compile=torch", "model.activation_checkpointing_layers=26"],
     "1gpu-deepcompile": ["model.compile=deepcompile"],
+    # LoRA / QLoRA (issue 25): the shipped presets untouched, then one lever each. MFU for these counts 6 x all
+    # parameters, as for the full fine-tune; the frozen base needs no weight gradients (~4 x parameters of work).
+    "lora-1gpu": [],
+    "lora-1gpu-nodrop": ["lora.dropout=0.0"],   # no dropped-out input copies kept per adapted linear
+    "lora-1gpu-compile": ["model.compile=torch"],
+    "lora-1gpu-ac8": ["model.activation_checkpointing=true", "batch.micro_batch_size=8",
+                      "batch.gradient_accumulation_steps=2"],
+    "lora-1gpu-sac-k16-mb4": ["model.activation_checkpointing=true", "model.activation_checkpointing_layers=16",
+                              "batch.micro_batch_size=4", "batch.gradient_accumulation_steps=4"],
+    "qlora-24gb": [],
+    "qlora-24gb-mb8": ["batch.micro_batch_size=8", "batch.gradient_accumulation_steps=2"],
 }
+# Variants run on a shipped preset (no BASE overrides) other than mistral-7b-zero3: by name prefix.
+PRESET_OF = {"preset-1gpu": "mistral-7b-zero3-1gpu", "1gpu-": "mistral-7b-zero3-1gpu",
+             "lora-1gpu": "mistral-7b-lora-1gpu", "qlora-24gb": "mistral-7b-qlora-24gb"}
 DEFAULT_VARIANTS = "preset-1gpu,z3-packed-flex,z3-padded-sdpa,z2-packed-flex,z3-packed-sdpa"
 
 
@@ -124,13 +138,16 @@ def run_variant(args) -> dict:
     from trainer.recipe import FullFinetuneRecipe
 
     cpu = args.cpu  # a code-path check on a machine without a GPU (tiny numbers, no meaning)
-    on_preset = args.variant == "preset-1gpu" or args.variant.startswith("1gpu-")
-    preset = "mistral-7b-zero3-1gpu" if on_preset else "mistral-7b-zero3"
+    preset = next((v for k, v in PRESET_OF.items() if args.variant.startswith(k)), None)
+    on_preset = preset is not None
+    preset = preset or "mistral-7b-zero3"
+    lora = preset in ("mistral-7b-lora-1gpu", "mistral-7b-qlora-24gb")
     base = [] if on_preset else BASE
     overrides = base + VARIANTS[args.variant] + [
         "scaling.num_workers=1", f"data.max_length={args.max_length}", "checkpoint.storage_path=/tmp/dolly-bench",
         f"checkpoint.run_name={args.variant}", f"model.path={args.model}",
-        "checkpoint.save_optimizer_state=false",  # the benchmark never saves: no volume check for full state
+        # the benchmark never saves: no volume check for full state (a LoRA checkpoint is small anyway)
+        *([] if lora else ["checkpoint.save_optimizer_state=false"]),
         *args.override,
     ]
     if args.data:
@@ -179,6 +196,7 @@ def run_variant(args) -> dict:
         "overrides": overrides,
         "deepspeed_config": recipe.ds_config,
         "parameters": recipe.n_params,
+        "trainable_parameters": sum(p.numel() for p in recipe.engine.module.parameters() if p.requires_grad),
         "setup_s": setup_s,
         "median_step_s": statistics.median(times),
         "step_times_s": times,

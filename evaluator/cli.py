@@ -1,8 +1,9 @@
 """`dolly-eval`: vLLM batch generation on the held-out Dolly split, scored with ROUGE.
 
-    dolly-eval run --model DIR --data DIR --out DIR [--config FILE] [engine/sampling/scoring options] [--verbose]
+    dolly-eval run --model DIR [--adapter PEFT_DIR] --data DIR --out DIR [--config FILE] [engine/sampling/scoring options] [--verbose]
     dolly-eval compare BASE_DIR TUNED_DIR --out DIR [--brief]
-    dolly-eval wait-export --model RUN_DIR/export [--run-dir RUN_DIR] [--timeout S]   (the eval Job's first step)
+    dolly-eval wait-export --model RUN_DIR/export [--adapter RUN_DIR/export-adapter] [--run-dir RUN_DIR] [--timeout S]
+                                                                                        (the eval Job's first step)
 
 `run` is quiet: its own lines on the terminal, vLLM's and the libraries' in <out>/eval.log (evaluator/console.py).
 

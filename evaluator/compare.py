@@ -161,8 +161,13 @@ def compare(base_dir: str, tuned_dir: str, out_dir: str, scoring: ScoringConfig 
 
 
 def _side(path: str, metrics: dict) -> dict:
-    return {"path": str(Path(path).resolve()), "model_path": metrics["model"]["path"],
+    side = {"path": str(Path(path).resolve()), "model_path": metrics["model"]["path"],
             "weights_sha256": metrics["model"]["weights_sha256"]}
+    if metrics.get("adapter"):  # issue 25: a base + adapter run (vLLM's LoRA path) says which adapter
+        side["adapter_path"] = metrics["adapter"]["path"]
+        side["adapter_sha256"] = metrics["adapter"]["weights_sha256"]
+        side["model_path"] += f" + adapter {metrics['adapter']['path']}"
+    return side
 
 
 def table_rows(result: dict) -> list[list]:

@@ -118,13 +118,16 @@ class RunConfig:
                                "256 new tokens, 5 seeds; see evaluator/protocols.py): its settings are enforced "
                                "and the report states which published figures the run is comparable to.",
                        choices=("none", "minillm"))
+    # issue 25: base + adapter through vLLM's LoRA support (evaluator/adapter.py)
+    adapter: str = _f("", "PEFT LoRA adapter folder (`dolly-train export` writes <export>-adapter): vLLM applies it "
+                          "to `model` (the base) with enable_lora and a LoRARequest. Empty = score `model` as is.")
     engine: EngineConfig = field(default_factory=EngineConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
 
 
 GROUPS = {"engine": EngineConfig, "sampling": SamplingConfig, "scoring": ScoringConfig}
-TOP_LEVEL = ("model", "data", "out", "limit", "protocol")
+TOP_LEVEL = ("model", "data", "out", "limit", "protocol", "adapter")
 GROUP_HELP = {
     "engine": "passed to vllm.LLM(...); YAML section `engine:`",
     "sampling": "passed to vllm.SamplingParams(...); YAML section `sampling:`",

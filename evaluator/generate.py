@@ -175,14 +175,19 @@ class Engine:
     cache: dict
 
 
-def start_engine(model_dir: str, engine: EngineConfig) -> Engine:
+def start_engine(model_dir: str, engine: EngineConfig, adapter: dict | None = None) -> Engine:
     import vllm
 
     cache = compile_cache(engine)
     device = _device()
     kwargs = engine_kwargs(model_dir, engine, device)
+    if adapter:  # issue 25: vLLM's LoRA path (evaluator/adapter.py)
+        from evaluator.adapter import engine_kwargs as lora_kwargs
+
+        kwargs.update(lora_kwargs(adapter))
     # One short line (the arguments are in metrics.json engine.llm_kwargs, and in eval.log from vLLM itself).
-    log.info("starting vLLM %s on %s (torch.compile cache %s)", vllm.__version__, device, cache["torch_compile_cache"])
+    log.info("starting vLLM %s on %s (torch.compile cache %s%s)", vllm.__version__, device,
+             cache["torch_compile_cache"], f", LoRA rank <= {adapter['max_lora_rank']}" if adapter else "")
     t0 = time.perf_counter()
     llm = vllm.LLM(**kwargs)
     return Engine(llm, time.perf_counter() - t0, device, vllm.__version__, kwargs, cache)
@@ -201,7 +206,7 @@ def requests(prompt_ids: list[list[int]], example_ids: list[str], eos_id: int, s
 
 
 def generate_with(llm, prompt_ids: list[list[int]], example_ids: list[str], eos_id: int,
-                  sampling: SamplingConfig) -> tuple[list[Generation], float]:
+                  sampling: SamplingConfig, lora_request=None) -> tuple[list[Generation], float]:
     """One `LLM.generate` call on a started engine: (generations in request order, seconds)."""
     seeds = sampling.run_seeds()
     prompts, params = requests(prompt_ids, example_ids, eos_id, sampling)
@@ -209,7 +214,7 @@ def generate_with(llm, prompt_ids: list[list[int]], example_ids: list[str], eos_
              len(prompt_ids), len(seeds), sampling.max_new_tokens)
     t0 = time.perf_counter()
     # A progress bar on a terminal only: in a Job's log it is noise.
-    outputs = llm.generate(prompts, params, use_tqdm=sys.stderr.isatty())
+    outputs = llm.generate(prompts, params, use_tqdm=sys.stderr.isatty(), lora_request=lora_request)
     elapsed = time.perf_counter() - t0
     gens = []
     for k, out in enumerate(outputs):  # vLLM returns outputs in request order

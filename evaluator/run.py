@@ -116,13 +116,14 @@ def _preload_report_modules() -> None:
 
 
 def _generate(cfg: RunConfig, model: ModelInfo, prompt_ids, example_ids, eos_id: int, workers: int, engine,
-              timings: dict):
+              timings: dict, adapter: dict | None = None):
     """Engine start and generation, with the background work (weight hashing, matplotlib's import and font
     cache, the scoring workers' server) running beside the engine start and joined before generation begins,
     so that it never competes with vLLM's output processing for the GIL while it generates."""
     t0 = time.perf_counter()
     import vllm  # noqa: F401  (imported here, once the inputs are known to be good; timed as its own phase)
 
+    from evaluator.adapter import lora_request
     from evaluator.generate import GenerationRun, generate, generate_with, shutdown, start_engine
 
     timings["vllm_import_seconds"] = time.perf_counter() - t0
@@ -142,12 +143,13 @@ def _generate(cfg: RunConfig, model: ModelInfo, prompt_ids, example_ids, eos_id:
             gen_run = generate(str(model.path), prompt_ids, example_ids, eos_id, cfg.engine, cfg.sampling)
             join()
         else:
-            eng = engine or start_engine(str(model.path), cfg.engine)
+            eng = engine or start_engine(str(model.path), cfg.engine, adapter)
             for change in engine_changes(eng.llm, eng.kwargs):
                 log.warning(change)
             try:
                 join()
-                gens, seconds = generate_with(eng.llm, prompt_ids, example_ids, eos_id, cfg.sampling)
+                gens, seconds = generate_with(eng.llm, prompt_ids, example_ids, eos_id, cfg.sampling,
+                                              lora_request(adapter) if adapter else None)
             finally:
                 if engine is None:
                     shutdown(eng.llm)
@@ -167,6 +169,14 @@ def run(cfg: RunConfig, engine=None, quiet: QuietRun | None = None) -> dict:
     # Every check that can fail on bad input runs before the engine starts.
     out = check_out_dir(cfg.out)
     model, encoder = check_model(cfg.model, hash_weights=False)
+    adapter = None
+    if cfg.adapter:  # issue 25: base + adapter through vLLM's LoRA support
+        from evaluator.adapter import check_adapter
+
+        adapter = check_adapter(cfg.adapter)
+        if cfg.engine.data_parallel_size > 1:
+            raise EvalInputError("--adapter: not with engine.data_parallel_size > 1 (one engine here); "
+                                 "score the merged export instead")
     split = read_test_split(cfg.data)
     for name, src in (("--model", model.path), ("--data", split.path.parent)):
         if src == out or out in src.parents:
@@ -184,7 +194,8 @@ def run(cfg: RunConfig, engine=None, quiet: QuietRun | None = None) -> dict:
     timings["inputs_seconds"] = time.perf_counter() - t_run
 
     workers = cfg.scoring.workers or default_workers()
-    gen_run = _generate(cfg, model, prompt_ids, [r["id"] for r in records], encoder.eos_id, workers, engine, timings)
+    gen_run = _generate(cfg, model, prompt_ids, [r["id"] for r in records], encoder.eos_id, workers, engine, timings,
+                        adapter)
     t0 = time.perf_counter()
     cut = {t["id"]: t["kept_context_chars"] for t in truncated}
     prompts = [prompt_text(r["instruction"], r["context"].strip()[: cut[r["id"]]] if r["id"] in cut else r["context"])
@@ -193,6 +204,8 @@ def run(cfg: RunConfig, engine=None, quiet: QuietRun | None = None) -> dict:
     cut_record = {"count": len(truncated), "examples": truncated, "max_model_len": max_model_len,
                   "max_prompt_tokens": None if max_model_len is None else max_model_len - cfg.sampling.max_new_tokens}
     metrics = build_metrics(cfg, model, split, records, prompt_ids, gen_run, rows, cut_record)
+    if adapter:
+        metrics["adapter"] = adapter
     timings["score_seconds"] = time.perf_counter() - t0
     with atomic_dir(out) as tmp:
         t0 = time.perf_counter()

@@ -11,6 +11,10 @@ What "complete" means comes from the trainer's writers (docs/CONTRACTS.md):
 - a checkpoint is complete when its `COMPLETE.json` is there (`trainer/checkpointing.py`), and the final one is
   written before the export. An export older than the run's newest complete checkpoint is therefore an earlier
   attempt's (a run resumed after a Git change, or retried): it is not this run's result, so the wait goes on.
+
+A LoRA run (issue 25) scored as base + adapter (`--adapter`, the eval Job's ADAPTER_DIR) waits for the adapter
+folder instead: its MODEL_DIR is then the base model, which never changes. `trainer/lora.py` writes the adapter
+folder (`<export>-adapter`, adapter_config.json + adapter_model.safetensors) atomically, the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Callable
 from trainer.checkpointing import MANIFEST, checkpoints
 
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", ("adapter_model.safetensors",)
 
 
 def _age(seconds: float) -> str:
@@ -29,15 +34,18 @@ def _age(seconds: float) -> str:
     return f"{h} h {m} min" if h else f"{m} min {int(seconds) % 60} s"
 
 
-def export_state(model_dir: Path, run_dir: Path | None = None) -> tuple[bool, str]:
-    """(ready, why): whether model_dir is a complete export of the run's latest training, and what is missing."""
-    config = model_dir / "config.json"
+def export_state(model_dir: Path, run_dir: Path | None = None, adapter: bool = False) -> tuple[bool, str]:
+    """(ready, why): whether model_dir is a complete export (adapter: a complete PEFT adapter folder) of the run's
+    latest training, and what is missing."""
+    name, weights = (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if adapter else ("config.json", WEIGHTS)
+    config = model_dir / name
     if model_dir.exists() and not model_dir.is_dir():
-        raise NotADirectoryError(f"{model_dir}: not a folder (MODEL_DIR must be the run's export/ folder)")
+        what = "ADAPTER_DIR must be the run's export-adapter/" if adapter else "MODEL_DIR must be the run's export/"
+        raise NotADirectoryError(f"{model_dir}: not a folder ({what} folder)")
     if not config.is_file():
         return False, f"{config} not there yet"
-    if not any((model_dir / w).is_file() for w in WEIGHTS):
-        return False, f"{model_dir} has config.json but no {' or '.join(WEIGHTS)} (not a finished export)"
+    if not any((model_dir / w).is_file() for w in weights):
+        return False, f"{model_dir} has {name} but no {' or '.join(weights)} (not a finished export)"
     if run_dir is not None:
         done = [c for c in checkpoints(run_dir) if (c / MANIFEST).is_file()]
         if done and (done[-1] / MANIFEST).stat().st_mtime > config.stat().st_mtime:
@@ -48,12 +56,13 @@ def export_state(model_dir: Path, run_dir: Path | None = None) -> tuple[bool, st
 
 def wait_for_export(model_dir: str | Path, run_dir: str | Path | None = None, timeout_s: float = 259200,
                     interval_s: float = 60, log_every_s: float = 900, echo: Callable[[str], None] = print,
-                    clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> bool:
-    """Poll until the export is complete (True) or timeout_s passed (False). Says what it waits for at the start
-    and then every log_every_s."""
+                    clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                    adapter: bool = False) -> bool:
+    """Poll until the export (adapter: the PEFT adapter folder in model_dir) is complete (True) or timeout_s
+    passed (False). Says what it waits for at the start and then every log_every_s."""
     model_dir, run_dir = Path(model_dir), (Path(run_dir) if run_dir else None)
     start = last_log = clock()
-    ready, why = export_state(model_dir, run_dir)
+    ready, why = export_state(model_dir, run_dir, adapter)
     if not ready:
         echo(f"waiting up to {_age(timeout_s)} for the export: {why}")
     while not ready:
@@ -61,13 +70,14 @@ def wait_for_export(model_dir: str | Path, run_dir: str | Path | None = None, ti
         if now - start >= timeout_s:
             echo(f"timed out after {_age(now - start)}: {why}. The training has not exported a model: check the "
                  f"RayJob (`dolly-train status`; a failed run never exports), that train.checkpoint.export is true, "
-                 f"and that MODEL_DIR names <storage_path>/<run_name>/export")
+                 + ("and that ADAPTER_DIR names <storage_path>/<run_name>/export-adapter (train.lora on)" if adapter
+                    else "and that MODEL_DIR names <storage_path>/<run_name>/export"))
             return False
         if now - last_log >= log_every_s:
             echo(f"still waiting ({_age(now - start)} so far): {why}")
             last_log = now
         sleep(min(interval_s, max(0.0, timeout_s - (now - start))))
-        ready, why = export_state(model_dir, run_dir)
+        ready, why = export_state(model_dir, run_dir, adapter)
     echo(f"export ready after {_age(clock() - start)}: {why}")
     return True
 
@@ -78,6 +88,9 @@ def add_parser(sub) -> None:
                                    "written atomically by the trainer) that is newer than the run's newest complete "
                                    "checkpoint. Exits 0 when it is, 124 on --timeout.")
     p.add_argument("--model", required=True, help="the export folder (<storage_path>/<run_name>/export)")
+    p.add_argument("--adapter", default="",
+                   help="a PEFT adapter folder (<storage_path>/<run_name>/export-adapter): wait for it instead of "
+                        "--model (base + adapter scoring, where --model is the unchanging base); empty = none")
     p.add_argument("--run-dir", default=None,
                    help="the run dir (<storage_path>/<run_name>): an export older than its newest checkpoint waits")
     p.add_argument("--timeout", type=float, default=259200,
@@ -89,7 +102,9 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     say = lambda m: print(f"dolly-eval wait-export: {m}", flush=True)  # noqa: E731
     try:
-        return 0 if wait_for_export(args.model, args.run_dir, args.timeout, args.interval, echo=say) else 124
+        target = args.adapter or args.model
+        return 0 if wait_for_export(target, args.run_dir, args.timeout, args.interval, echo=say,
+                                    adapter=bool(args.adapter)) else 124
     except NotADirectoryError as e:
         say(f"error: {e}")
         return 2

@@ -248,6 +248,8 @@ def test_rendered_train_yaml_loads_with_trainer_config(rendered, tmp_path, value
 
 @pytest.mark.parametrize("values_file,preset", [("values-gpu-8x.yaml", "mistral-7b-zero3"),
                                                 ("values-gpu-offload.yaml", "mistral-7b-zero3-offload"),
+                                                ("values-gpu-lora-80gb.yaml", "mistral-7b-lora-1gpu"),
+                                                ("values-gpu-qlora-24gb.yaml", "mistral-7b-qlora-24gb"),
                                                 ("values.yaml", "mistral-7b-zero3")])
 def test_gpu_values_are_the_trainer_presets(rendered, values_file, preset):
     expected = train_config.load(preset).to_dict()

@@ -56,7 +56,8 @@ def test_checkov_is_the_pinned_version_outside_the_project_venv():
 def test_every_render_has_no_unjustified_failure(scans):
     plain, _ = scans
     assert {r.name for r in plain} == {"values.yaml", "values-cpu-smoke.yaml", "values-gpu-8x.yaml",
-                                       "values-gpu-offload.yaml", "argocd"}
+                                       "values-gpu-offload.yaml", "values-gpu-lora-80gb.yaml",
+                                       "values-gpu-qlora-24gb.yaml", "argocd"}
     assert checkov_chart.judge(plain) == []
     for r in plain:
         assert r.passed >= 90, (r.name, r.passed)  # checkov really read the objects

@@ -127,3 +127,42 @@ def test_waiting_is_bounded_by_the_timeout_without_sleeping_past_it():
     assert slept == [60, 60, 30] and now[0] == 150
     assert msgs[0].startswith("waiting up to 2 min 30 s") and msgs[1].startswith("still waiting (2 min 0 s so far)")
     assert msgs[-1].startswith("timed out after 2 min 30 s")
+
+
+def test_base_plus_adapter_waits_for_the_adapter_not_the_base(tmp_path, tiny_model_dir):
+    """The eval Job scoring a LoRA run as base + adapter (MODEL_DIR = the base, ADAPTER_DIR = <run>/export-adapter):
+    the base is complete from the start, so the wait is on the adapter folder, written by the trainer's own LoRA
+    export (trainer/lora.py, atomically), and an adapter older than the newest checkpoint is an earlier attempt's."""
+    import torch
+
+    from trainer import config as C
+    from trainer import lora
+
+    run = tmp_path / "runs" / "lora"
+    adapter_dir = run / "export-adapter"
+    args = ("--model", str(tiny_model_dir), "--adapter", str(adapter_dir), "--run-dir", str(run))
+    res = wait_cli(*args, "--timeout", "1", "--interval", "0.2")
+    assert res.returncode == 124, res
+    assert f"{adapter_dir / 'adapter_config.json'} not there yet" in res.stdout and "ADAPTER_DIR names" in res.stdout
+    # An empty --adapter (the ConfigMap's default) is none: the model folder is what counts, and the base is there.
+    assert wait_cli("--model", str(tiny_model_dir), "--adapter", "", "--timeout", "1").returncode == 0
+
+    cfg = C.load("cpu-tiny-lora", [f"model.path={tiny_model_dir}"])
+    base = lora.load_base(cfg, str(tiny_model_dir), torch.float32, "cpu")
+    _, peft_model = lora.wrap(base, cfg)
+    state = {k: torch.randn_like(v) * 0.01 for k, v in lora.adapter_state(peft_model.base_model.model.state_dict()).items()}
+    complete_checkpoint(run, 8)  # the final checkpoint comes before the export, as in training
+    time.sleep(0.05)
+    adapter_out, merged = lora.export_adapter_and_merged(cfg, state, run / "export", tokenizer_from=tiny_model_dir)
+    assert adapter_out == adapter_dir and merged == run / "export"
+    res = wait_cli(*args, "--timeout", "5")
+    assert res.returncode == 0 and f"{adapter_dir} is complete" in res.stdout, res
+    # A later checkpoint (a resumed run) makes that adapter an earlier attempt's.
+    mtime = (adapter_dir / "adapter_config.json").stat().st_mtime
+    ckpt = complete_checkpoint(run, 12)
+    os.utime(ckpt / checkpointing.MANIFEST, (mtime + 10, mtime + 10))
+    ready, why = export_state(adapter_dir, run, adapter=True)
+    assert not ready and "older than the run's newest checkpoint checkpoint_00000012" in why
+    # A merged-export folder is not an adapter folder.
+    ready, why = export_state(run / "export", adapter=True)
+    assert not ready and "adapter_config.json not there yet" in why

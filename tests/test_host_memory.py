@@ -204,3 +204,31 @@ def test_the_estimate_matches_what_deepspeed_allocates(tmp_path, tiny_model_dir,
         assert r["by"]["optimizer.state"] == pytest.approx(8 * n, rel=0.01), r["by"]  # Adam's two fp32 moments
         # DeepSpeed pads partitions for alignment: within 2%
         assert counted == pytest.approx(estimated, rel=0.02), (stage, r["by"], est)
+
+
+def test_lora_offload_counts_the_adapter_not_the_frozen_base(no_limit_env, shapes_7b):
+    """LoRA (issue 25) with optimizer offload: DeepSpeed's offloaded optimizer holds only the trainable
+    parameters, so the 7B run the full fine-tune's 153 GiB estimate refuses on a 125 GiB host fits. The adapter
+    size is worked out by hand for Mistral-7B (H 4096, I 14336, 8 KV heads of 128, 32 layers): r x (in + out)
+    over q, k, v, o, gate, up, down = r x 81,920 a layer, 41,943,040 at r = 16 (peft's printed count)."""
+    from transformers import MistralConfig
+
+    from trainer.lora import adapter_shapes
+    from trainer.tiny_model import MISTRAL_7B
+
+    cfg = C.load("mistral-7b-lora-1gpu", ["deepspeed.offload_optimizer=true", "batch.gradient_accumulation_steps=8"])
+    assert cfg.lora.r == 16
+    trained = adapter_shapes(cfg, MistralConfig(**MISTRAL_7B))
+    n = sum(math.prod(s) for s in trained)
+    assert n == 41_943_040
+    est = check_host_memory(cfg, shapes_7b, 1, trained)  # the 125 GiB host of the refusal above: passes
+    assert est.moments_gib * GIB == pytest.approx(8 * n)
+    # ZeRO-2, all adapter tensors are matrices (one decayed group): fp32 master + fp32 gradients + a bf16 update
+    # buffer, and with accumulation a bf16 buffer per parameter
+    assert est.master_gib * GIB == pinned(4 * n)
+    assert est.gradients_gib * GIB == pinned(4 * n) + sum(pinned(2 * math.prod(s)) for s in trained)
+    assert est.params_gib * GIB == pinned(2 * n)
+    assert est.total_gib - est.baseline_gib < 1.1  # about 1 GiB offloaded, against 149 GiB for the full fine-tune
+    # Without the adapter shapes the same config counts the whole 7B and is refused: the difference is the LoRA term.
+    with pytest.raises(ResourcePreflightError):
+        check_host_memory(cfg, shapes_7b, 1)

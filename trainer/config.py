@@ -22,7 +22,9 @@ import yaml
 
 PRESET_DIR = Path(__file__).parent / "configs"
 DEEPSPEED_DIR = PRESET_DIR / "deepspeed"
-PRESETS = ("cpu-tiny", "mistral-7b-zero3", "mistral-7b-zero3-offload", "mistral-7b-zero3-1gpu")
+PRESETS = ("cpu-tiny", "mistral-7b-zero3", "mistral-7b-zero3-offload", "mistral-7b-zero3-1gpu",
+           # LoRA / QLoRA (issue 25; trainer/lora.py)
+           "cpu-tiny-lora", "mistral-7b-lora-1gpu", "mistral-7b-lora-8gpu", "mistral-7b-qlora-24gb")
 
 _URI = re.compile(r"^(s3|gs)://[^/\s]+(/.*)?$")
 
@@ -31,8 +33,9 @@ class ConfigError(ValueError):
     """A config key or value is wrong; the message names the key."""
 
 
-def _f(default, help: str, choices: tuple | None = None, minimum: float | None = None, **kw):
-    meta = {"help": help, "choices": choices, "minimum": minimum}
+def _f(default, help: str, choices: tuple | None = None, minimum: float | None = None,
+       maximum: float | None = None, **kw):
+    meta = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -155,6 +158,43 @@ class WatchdogConfig:
         "Keep it above step_s so the watchdog, which names the phase and the stack, fires first.", minimum=1)
 
 
+# ---- LoRA / QLoRA (issue 25): the schema here, everything else in trainer/lora.py ----------------------
+# The ranks vLLM serves: its `max_lora_rank` accepts only these values (vllm/config/lora.py, MaxLoRARanks, the same
+# in vLLM 0.25 and 0.32); an adapter of rank r needs max_lora_rank >= r, so r above the largest cannot be served.
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass
+class LoraConfig:
+    method: str = _f(
+        "none",
+        "'none' = full fine-tune; 'lora' = frozen base + trainable low-rank adapters (checkpoints hold the adapter "
+        "and its optimizer state only); 'qlora' = LoRA on a 4-bit (bitsandbytes) base, for GPUs of 24 GB.",
+        choices=("none", "lora", "qlora"))
+    r: int = _f(16, "Adapter rank. At most 512: the largest max_lora_rank vLLM serves.", minimum=1,
+                maximum=VLLM_MAX_LORA_RANKS[-1])
+    alpha: float = _f(32.0, "Adapter scale numerator: the update is (alpha / r) * B @ A.", minimum=0)
+    dropout: float = _f(0.05, "Dropout on the adapter's input (0 = none).", minimum=0, maximum=0.9)
+    target_modules: list = _f(
+        ["all-linear"],
+        "Module names (the last part, e.g. q_proj) that get adapters; ['all-linear'] = every linear layer of the "
+        "decoder (q/k/v/o, gate/up/down), never the LM head. Checked against the model before it is loaded.")
+    quant_type: str = _f("nf4", "qlora: 4-bit data type of the frozen base weights.", choices=("nf4", "fp4"))
+    double_quant: bool = _f(True, "qlora: quantize the quantization constants too (~0.4 bits per parameter less).")
+    compute_dtype: str = _f(
+        "auto", "qlora: dtype the 4-bit weights are dequantized to for each matmul; auto = model.precision.",
+        choices=("auto", "bf16", "fp32"))
+    quant_storage: str = _f(
+        "uint8",
+        "qlora: dtype the packed 4-bit data is stored in. Only a layout: upstream ZeRO-3/FSDP sharding needs it "
+        "equal to the training dtype, ZeRO-2 (the only stage qlora runs under here) does not.",
+        choices=("uint8", "bf16", "fp32"))
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Model to fine-tune."})
@@ -167,6 +207,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={"help": "Checkpoints, resume, export."})
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"help": "Metrics."})
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig, metadata={"help": "Time limits: fail loudly, never hang."})
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA / QLoRA (method none = full fine-tune)."})
     seed: int = _f(42, "Seed for model init, data order and dropout.", minimum=0)
 
     # ---- derived paths -------------------------------------------------------------------------
@@ -275,6 +316,35 @@ def _cross_checks(cfg: TrainConfig) -> None:
         raise ConfigError(f"checkpoint.storage_path: {sp!r} is neither a filesystem path nor an s3:// or gs:// URI")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", cfg.checkpoint.run_name):
         raise ConfigError(f"checkpoint.run_name: {cfg.checkpoint.run_name!r} must be 1-63 letters, digits, '.', '_' or '-'")
+    _lora_checks(cfg)
+
+
+def _lora_checks(cfg: TrainConfig) -> None:
+    """LoRA combinations refused before anything loads (issue 25). The target modules are checked against the
+    model's own module names in `trainer.lora.check_target_modules` (launch preflight, meta device)."""
+    lc = cfg.lora
+    if not lc.enabled:
+        return
+    if not lc.target_modules or not all(isinstance(m, str) and m for m in lc.target_modules):
+        raise ConfigError(f"lora.target_modules: expected a non-empty list of module names, got {lc.target_modules!r}")
+    if "all-linear" in lc.target_modules and len(lc.target_modules) > 1:
+        raise ConfigError("lora.target_modules: 'all-linear' stands alone (it already means every linear layer)")
+    if not cfg.checkpoint.save_optimizer_state:
+        raise ConfigError("checkpoint.save_optimizer_state: must stay true with lora.method "
+                          f"{lc.method}: a LoRA checkpoint is the adapter and its optimizer state only (tens of MB)")
+    if lc.method == "qlora":
+        if cfg.deepspeed.stage != 2:
+            raise ConfigError(
+                f"lora.method: qlora runs under deepspeed.stage 2 only (got {cfg.deepspeed.stage}): ZeRO-3 would "
+                "partition the packed 4-bit weights, which bitsandbytes and DeepSpeed support only with "
+                "lora.quant_storage equal to the training dtype and which was never run here; the frozen 4-bit base "
+                "is small enough to be replicated on every GPU (3.9 GB for Mistral-7B)")
+        if cfg.deepspeed.offload_params:
+            raise ConfigError("deepspeed.offload_params: not with lora.method qlora (4-bit weights stay on the GPU)")
+        if cfg.model.compile != "none":
+            raise ConfigError("model.compile: not with lora.method qlora (bitsandbytes' 4-bit matmul is not compiled here)")
+        if lc.compute_dtype == "bf16" and not cfg.scaling.use_gpu:
+            raise ConfigError("lora.compute_dtype: bf16 is for GPU workers; use auto or fp32 on CPUs")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

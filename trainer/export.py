@@ -5,6 +5,9 @@ Two ways in:
 - at the end of training, from the live engine (`FullFinetuneRecipe.export`; ZeRO-3 gathers its shards);
 - on demand, `dolly-train export --checkpoint RUN/checkpoint_N --out DIR`, from the DeepSpeed files of any
   checkpoint (ZeRO-2 or ZeRO-3 shards consolidated to fp32 by DeepSpeed's own `zero_to_fp32`).
+
+A LoRA / QLoRA run (lora.method) writes two folders: DIR, the adapter merged into the base weights (a plain
+Hugging Face model), and DIR-adapter, the PEFT adapter (trainer/lora.py).
 """
 
 from __future__ import annotations
@@ -15,47 +18,12 @@ import sys
 from pathlib import Path
 
 from trainer.atomic import atomic_dir
+# The folder writers live in trainer/hf_folder.py (trainer.lora uses them too, and this module imports trainer.lora
+# for LoRA checkpoints); re-exported here for the recipe and the tests.
+from trainer.hf_folder import TOKENIZER_FILES, copy_tokenizer, save_hf_folder  # noqa: F401
 from trainer.log import get_logger
 
 log = get_logger(__name__)
-
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.model.v3", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.json")
-
-
-def copy_tokenizer(src: str | Path, dst: Path) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        f = Path(src) / name
-        if f.is_file():
-            shutil.copyfile(f, dst / name)
-
-
-def save_hf_folder(config, state: dict, out: str | Path, tokenizer_from: str | Path,
-                   generation_config=None, dtype=None) -> Path:
-    """Write atomically: build into a temp dir beside `out`, then rename over it. `dtype`: a torch dtype to
-    cast the weights to (None keeps them)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    out = Path(out)
-    with atomic_dir(out) as tmp:
-        if dtype is not None:
-            state = {k: v.to(dtype) for k, v in state.items()}
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-        if config.tie_word_embeddings:
-            model.tie_weights()
-            missing = [k for k in missing if k != "lm_head.weight"]
-        if missing or unexpected:
-            raise RuntimeError(f"export: state dict does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
-        model.config.use_cache = True
-        model.save_pretrained(tmp, safe_serialization=True)
-        if generation_config is not None:
-            generation_config.save_pretrained(tmp)
-        copy_tokenizer(tokenizer_from, tmp)
-    return out
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "auto") -> Path:
@@ -77,6 +45,12 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "aut
     from transformers import AutoConfig, GenerationConfig
 
     config = AutoConfig.from_pretrained(hf)
+    lora_cfg = _lora_config(ckpt)
+    if lora_cfg is not None:  # LoRA: <out>-adapter (PEFT) + <out> merged into the base (trainer/lora.py)
+        from trainer import lora
+
+        dt = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+        return lora.export_checkpoint(ckpt, lora_cfg, out, dt)[1]
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "deepspeed"), tag="state")
     state = {k.removeprefix("model."): v for k, v in state.items()}
     target = {"auto": getattr(config, "dtype", None) or torch.float32, "fp32": torch.float32,
@@ -85,6 +59,21 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "aut
         target = getattr(torch, target)
     gen = GenerationConfig.from_pretrained(hf) if (hf / "generation_config.json").is_file() else None
     return save_hf_folder(config, state, out, tokenizer_from=hf, generation_config=gen, dtype=target)
+
+
+def _lora_config(ckpt: Path):
+    """The run's config when the checkpoint is a LoRA one (its config.yaml has lora.method lora/qlora)."""
+    import yaml
+
+    from trainer import config as config_mod
+
+    path = ckpt / "config.yaml"
+    if not path.is_file():
+        return None
+    data = yaml.safe_load(path.read_text()) or {}
+    if (data.get("lora") or {}).get("method", "none") == "none":
+        return None
+    return config_mod.from_dict(data)
 
 
 def add_parser(sub) -> None:
@@ -109,4 +98,6 @@ def run(args) -> int:
         print(f"dolly-train export: {e}", file=sys.stderr)
         return 2
     print(f"exported {args.checkpoint} -> {out}")
+    if (Path(out) / "lora_export.json").is_file():  # LoRA: the adapter folder beside the merged one
+        print(f"adapter (PEFT) -> {Path(str(out) + '-adapter')}")
     return 0

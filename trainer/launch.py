@@ -131,6 +131,14 @@ def preflight(cfg: TrainConfig) -> None:
             raise PreflightError(f"checkpoint.storage_path: cannot write to {run_dir}: {e}") from e
         check_resume_config(cfg)
 
+    if cfg.lora.enabled:  # LoRA: the target modules exist in the model (meta device, no weights)
+        from trainer import lora
+
+        try:
+            lora.check_target_modules(cfg)
+        except ConfigError as e:
+            raise PreflightError(str(e)) from e
+
     from trainer import ds_ops
 
     try:
@@ -200,6 +208,10 @@ def train_loop_per_worker(config_dict: dict) -> None:
             out = recipe.export(export_dir)
             if out is not None and cfg.is_remote_storage:
                 storage.upload_dir(out, f"{cfg.run_dir()}/export")
+                if cfg.lora.enabled:  # LoRA: the PEFT adapter folder beside the merged export
+                    from trainer.lora import adapter_dir_for
+
+                    storage.upload_dir(adapter_dir_for(out), f"{cfg.run_dir()}/export-adapter")
             if out is not None:
                 log.info(f"exported Hugging Face model to {cfg.run_dir()}/export")
     except Exception as e:

@@ -94,6 +94,11 @@ def estimate_gpu_memory(cfg, model_config, n_params: int, world_size: int) -> Me
         activations = tokens * n_layers * per_layer * half
     # LM head over label positions (at most every token): fp32 logits, their gradient and the bf16 product.
     lm_head = tokens * V * (4 + 4 + half) * 0.5  # ~half the positions carry a label in Dolly's prompts
+    if cfg.lora.enabled:  # LoRA: frozen base, adapter-sized gradients and optimizer (trainer/lora.py)
+        from trainer.lora import memory_terms
+
+        weights, grads, optimizer, activations = memory_terms(cfg, model_config, n_params, W, half, tokens,
+                                                              activations)
 
     total = weights + grads + optimizer + activations + lm_head
     return MemoryEstimate(*(x / GIB for x in (weights, grads, optimizer, activations, lm_head, total)))
@@ -158,7 +163,7 @@ def _chunks(n: float, size: int) -> list[float]:
 
 
 def estimate_host_memory(cfg, param_shapes: list[tuple], world_size: int, ranks_on_node: int,
-                         pin: bool = True) -> HostMemoryEstimate:
+                         pin: bool = True, trained_shapes: list[tuple] | None = None) -> HostMemoryEstimate:
     """Host bytes the ranks on one node hold with DeepSpeed's optimizer/parameter offload (DeepSpeed 0.19.8,
     runtime/zero/stage_1_and_2.py and stage3.py); the offloaded terms are zero without offload.
 
@@ -168,13 +173,17 @@ def estimate_host_memory(cfg, param_shapes: list[tuple], world_size: int, ranks_
     with gradient accumulation a pinned buffer per parameter in the training dtype. ZeRO-3: the fp32 master
     weights and an fp32 gradient buffer per sub-group of `sub_group_size` elements, one flat gradient buffer in
     the training dtype, the moments, and with offload_params the parameters in the training dtype. Pinned blocks round up to powers of two (`pin`). Model loading
-    comes before these and is freed before them (the weights go to the GPU), so it is not added."""
+    comes before these and is freed before them (the weights go to the GPU), so it is not added.
+
+    `trained_shapes`: the parameters the optimizer holds, when not all of them (LoRA: the adapter; the frozen base
+    has no master weights, gradients or moments, but is offloaded with offload_params like any parameter)."""
     ds = cfg.deepspeed
     W = max(world_size, 1)
     half = 2 if cfg.model.precision == "bf16" else 4
     pinned_ = pinned if pin else float  # pin=False: the tensors' own bytes (a CPU run pins nothing)
-    numels = [math.prod(s) for s in param_shapes]
-    ndims = [len(s) for s in param_shapes]
+    trained = param_shapes if trained_shapes is None else trained_shapes
+    numels = [math.prod(s) for s in trained]
+    ndims = [len(s) for s in trained]
     n = sum(numels)
     master = grads = moments = params = 0
     if ds.offload_optimizer:
@@ -194,7 +203,8 @@ def estimate_host_memory(cfg, param_shapes: list[tuple], world_size: int, ranks_
             if cfg.batch.gradient_accumulation_steps > 1:
                 grads += sum(pinned_(half * k) for k in numels) / W
     if ds.stage == 3 and ds.offload_params:
-        params += sum(pinned_(half * c) for c in _chunks(n / W, ZERO3_SUB_GROUP))
+        every = sum(math.prod(s) for s in param_shapes)  # frozen ones too
+        params += sum(pinned_(half * c) for c in _chunks(every / W, ZERO3_SUB_GROUP))
     per_rank = master + grads + moments + params
     base = RANK_BASELINE_BYTES * ranks_on_node
     total = per_rank * ranks_on_node + base
@@ -226,14 +236,15 @@ def host_memory_limit() -> tuple[float | None, str]:
     return None, "unknown"
 
 
-def check_host_memory(cfg, param_shapes: list[tuple], world_size: int) -> HostMemoryEstimate | None:
+def check_host_memory(cfg, param_shapes: list[tuple], world_size: int,
+                      trained_shapes: list[tuple] | None = None) -> HostMemoryEstimate | None:
     """With optimizer or parameter offload: refuses, before the model is loaded, a config whose offloaded state
     clearly exceeds the host memory of its node (the pod's limit where one is set), naming the knobs. The ranks on
     a node: LOCAL_WORLD_SIZE (Ray Train and torchrun set it), else every rank."""
     if not (cfg.deepspeed.offload_optimizer or (cfg.deepspeed.stage == 3 and cfg.deepspeed.offload_params)):
         return None
     local = int(os.environ.get("LOCAL_WORLD_SIZE") or world_size or 1)
-    est = estimate_host_memory(cfg, param_shapes, world_size, local)
+    est = estimate_host_memory(cfg, param_shapes, world_size, local, trained_shapes=trained_shapes)
     limit, source = host_memory_limit()
     est.limit_gib, est.limit_source = (limit / GIB if limit else None), source
     if limit and est.total_gib > REFUSE_RATIO * est.limit_gib:
@@ -253,7 +264,12 @@ def check_gpu_memory(cfg, world_size: int, device, is_main: bool) -> tuple[Memor
         shapes = [tuple(p.shape) for p in AutoModelForCausalLM.from_config(config).parameters()]
     n_params = sum(math.prod(s) for s in shapes)
     est = estimate_gpu_memory(cfg, config, n_params, world_size)
-    est.host = check_host_memory(cfg, shapes, world_size)  # refuses an offload config the host cannot hold
+    trained = None
+    if cfg.lora.enabled:  # LoRA: the optimizer holds the adapter only (A: r x in, B: out x r per adapted linear)
+        from trainer.lora import adapter_shapes
+
+        trained = adapter_shapes(cfg, config)
+    est.host = check_host_memory(cfg, shapes, world_size, trained)  # refuses an offload config the host cannot hold
     if is_main and est.host is not None:
         log.info(est.host.line())
     if device.type == "cuda":

@@ -126,6 +126,10 @@ class FullFinetuneRecipe:
         self.memory_estimate, n_params = check_gpu_memory(cfg, self.ctx.world_size, self.device, self.is_main)
         self.checkpoint_bytes = checkpoint_bytes(n_params, cfg.checkpoint.save_optimizer_state, cfg.model.precision,
                                                  cfg.deepspeed.stage)
+        if cfg.lora.enabled:  # LoRA: the checkpoint holds the adapter + its optimizer state only
+            from trainer import lora
+
+            self.checkpoint_bytes = checkpoint_bytes(lora.trainable_count(cfg), True, cfg.model.precision, 2)
         run_dir = getattr(self.ctx, "run_dir", None)
         if self.is_main and run_dir is not None:
             check_volume(cfg, run_dir, self.checkpoint_bytes)
@@ -205,8 +209,13 @@ class FullFinetuneRecipe:
         # Keep this object alive: while it exists, from_pretrained/from_config build the model under
         # deepspeed.zero.Init for ZeRO-3, so no rank ever holds the whole model.
         self._hf_ds = HfDeepSpeedConfig(self.ds_config) if self.cfg.deepspeed.stage == 3 else None
-        model = AutoModelForCausalLM.from_pretrained(
-            self.weights_path, dtype=self.dtype, attn_implementation=self.cfg.model.attn_implementation)
+        if self.cfg.lora.enabled:  # LoRA: the frozen base, 4-bit for QLoRA (trainer/lora.py)
+            from trainer import lora
+
+            model = lora.load_base(self.cfg, self.weights_path, self.dtype, self.device)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                self.weights_path, dtype=self.dtype, attn_implementation=self.cfg.model.attn_implementation)
         model.config.use_cache = False
         restore_fp32_rope(model)
         # from_pretrained returns the model in eval mode, and transformers applies activation checkpointing
@@ -217,6 +226,8 @@ class FullFinetuneRecipe:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             set_checkpointed_layers(model, self.cfg.model.activation_checkpointing_layers)
         self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        if self.cfg.lora.enabled:  # LoRA: adapters injected in place; only they train
+            model, self.peft_model = lora.wrap(model, self.cfg)
         return CausalLMWithResponseLoss(model, self.cfg.model.attn_implementation)
 
     def _setup_engine(self, model: torch.nn.Module) -> None:
@@ -226,8 +237,9 @@ class FullFinetuneRecipe:
         import deepspeed
 
         o = self.cfg.optim
-        decay = [p for p in model.parameters() if decays(p)]
-        no_decay = [p for p in model.parameters() if not decays(p)]
+        trained = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapter only
+        decay = [p for p in trained if decays(p)]
+        no_decay = [p for p in trained if not decays(p)]
         groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         if self.cfg.deepspeed.offload_optimizer:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -263,7 +275,9 @@ class FullFinetuneRecipe:
             checkpointing.check_resume(ckpt / "config.yaml", self.cfg.to_dict(), self.cfg.checkpoint.run_name)
         if (ckpt / "deepspeed").is_dir():
             path, _ = self.engine.load_checkpoint(str(ckpt / "deepspeed"), tag="state",
-                                                  load_optimizer_states=True, load_lr_scheduler_states=True)
+                                                  load_optimizer_states=True, load_lr_scheduler_states=True,
+                                                  # LoRA: the checkpoint holds only the adapter
+                                                  load_module_strict=not self.cfg.lora.enabled)
             if path is None:
                 raise RuntimeError(f"{ckpt}: no DeepSpeed state could be loaded")
         else:  # weights-only: the model came from <ckpt>/hf in setup; the LR schedule continues, Adam restarts
@@ -458,6 +472,12 @@ class FullFinetuneRecipe:
             loss_sum, n = self.engine(mb["input_ids"], mb["labels"], mb["position_ids"], mb["doc_ids"], 1.0)
             total += torch.stack([loss_sum.float(), n.float()])
         self.engine.train()
+        if self.cfg.deepspeed.stage == 3:
+            # A forward-only pass leaves ZeRO-3's parameters gathered (no backward ends with the release); the
+            # validation now comes last in train(), after the final checkpoint, so without this the whole model
+            # stays materialized on every rank into the export (and the export's LoRA gather test sees no
+            # partitioned placeholders). Every rank runs this, like the validation itself.
+            self.engine.empty_partition_cache()
         self._all_reduce(total)
         return (total[0] / total[1].clamp(min=1)).item()
 
@@ -496,7 +516,9 @@ class FullFinetuneRecipe:
             checkpointing.check_free_space(d, needed)
         try:
             if self.cfg.checkpoint.save_optimizer_state:
-                self.engine.save_checkpoint(str(d / "deepspeed"), tag="state")
+                # LoRA: the adapter and its optimizer state only; the frozen base is rebuilt from model.path
+                self.engine.save_checkpoint(str(d / "deepspeed"), tag="state",
+                                            exclude_frozen_parameters=self.cfg.lora.enabled)
             else:
                 self._save_weights_only(d)
             rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
@@ -536,8 +558,9 @@ class FullFinetuneRecipe:
 
     def _export(self, out: str | Path) -> Path | None:
         module = self.engine.module
-        if self.cfg.deepspeed.stage == 3:
-            state = self.engine._zero3_consolidated_16bit_state_dict()
+        lora_on = self.cfg.lora.enabled
+        if self.cfg.deepspeed.stage == 3:  # LoRA: gather the adapter only (never the 0-element placeholders)
+            state = self.engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=lora_on)
         else:
             state = module.state_dict() if self.is_main else None
         if not self.is_main:
@@ -549,6 +572,13 @@ class FullFinetuneRecipe:
         self._hf_ds = None
         unset_hf_deepspeed_config()
         state = {k.removeprefix("model."): v for k, v in state.items()}
+        if lora_on:  # LoRA: <out>-adapter (PEFT layout) + <out> merged into the base weights (trainer/lora.py)
+            from trainer import lora
+
+            probe = torch.tensor([self.val_examples[0]["input_ids"][:256]]) if self.val_examples else None
+            return lora.export_adapter_and_merged(
+                self.cfg, lora.adapter_state(state), out, tokenizer_from=self.cfg.model.path,
+                generation_config=module.model.generation_config, probe_ids=probe)[1]
         return save_hf_folder(module.model.config, state, out, tokenizer_from=self.cfg.model.path,
                               generation_config=module.model.generation_config)
 
