@@ -64,6 +64,7 @@ class ReferenceRun:
     steps: list[StepRecord] = field(default_factory=list)
     val_loss: dict[int, float] = field(default_factory=dict)  # step -> validation loss after it
     state: dict[str, torch.Tensor] = field(default_factory=dict)  # final parameters by name
+    state_at: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # step -> parameters after it
     decay_names: list[str] = field(default_factory=list)
 
 
@@ -88,7 +89,8 @@ def run_reference(model_dir: Path, data_dir: Path, *, steps: int, world_size: in
                   micro_batch_size: int, max_length: int, packing: bool, seed: int, lr: float,
                   weight_decay: float, betas: tuple[float, float], eps: float, grad_clip: float, warmup: int,
                   decay: str, min_lr_ratio: float, schedule_steps: int | None = None,
-                  restart_adam_at: int | None = None, eval_at: tuple[int, ...] = ()) -> ReferenceRun:
+                  restart_adam_at: int | None = None, eval_at: tuple[int, ...] = (),
+                  states_at: tuple[int, ...] = ()) -> ReferenceRun:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -140,6 +142,8 @@ def run_reference(model_dir: Path, data_dir: Path, *, steps: int, world_size: in
                                         zlib.crc32(repr(batches).encode()), epoch, s + 1, per_epoch))
             if step in eval_at:
                 out.val_loss[step] = validation_loss(model, val)
+            if step in states_at:
+                out.state_at[step] = {n: p.detach().clone() for n, p in params.items()}
             if restart_adam_at == step:
                 adam = new_adam()  # a weights-only checkpoint keeps the weights, not Adam's moments
         epoch += 1
