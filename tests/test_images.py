@@ -657,9 +657,13 @@ def test_cpu_image_runs_the_chart_and_eval_job_commands_on_a_mounted_volume(engi
     volume_at, config_at = mounts["data"], mounts["train-config"]
     (stage_c,) = staging["spec"]["template"]["spec"]["containers"]
     assert {m["name"]: m["mountPath"] for m in stage_c["volumeMounts"]}["data"] == volume_at
-    pod_sc = staging["spec"]["template"]["spec"]["securityContext"]
-    uid, fs_group = int(pod_sc["runAsUser"]), int(pod_sc.get("fsGroup", pod_sc["runAsUser"]))
-    assert head["securityContext"]["runAsUser"] == uid
+    # The Ray pods run as the image's user; the staging Job (hardened: checkov CKV_K8S_40) as uid >= 10000 in the
+    # volume's group (fsGroup), writing group-writable files (umask 0002) that the Ray pods then write beside.
+    head_sc = head["securityContext"]
+    uid, fs_group = int(head_sc["runAsUser"]), int(head_sc.get("fsGroup", head_sc["runAsUser"]))
+    stage_sc = staging["spec"]["template"]["spec"]["securityContext"]
+    stage_uid, stage_gid = int(stage_sc["runAsUser"]), int(stage_sc.get("runAsGroup", stage_sc["runAsUser"]))
+    assert stage_uid >= 10000 and stage_gid == fs_group == int(stage_sc.get("fsGroup", fs_group)), stage_sc
 
     # The image: its own user must be the pods' uid (runAsNonRoot checks the numeric USER), not root.
     cfg = _inspect(engine, cpu_image)["Docker"]["config"]
@@ -681,8 +685,8 @@ def test_cpu_image_runs_the_chart_and_eval_job_commands_on_a_mounted_volume(engi
     ctr = container(cpu_image)
     steps: dict[str, float] = {}
 
-    def run(label: str, cmd: list[str], env: dict[str, str], timeout: int = 900) -> str:
-        args = ["buildah", "run", "--isolation", "chroot", "--user", user, "--workingdir", workdir,
+    def run(label: str, cmd: list[str], env: dict[str, str], timeout: int = 900, as_user: str | None = None) -> str:
+        args = ["buildah", "run", "--isolation", "chroot", "--user", as_user or user, "--workingdir", workdir,
                 "--volume", f"{vol}:{volume_at}", "--volume", f"{conf}:{config_at}:ro"]
         for k, v in env.items():
             args += ["--env", f"{k}={v}"]
@@ -704,7 +708,8 @@ def test_cpu_image_runs_the_chart_and_eval_job_commands_on_a_mounted_volume(engi
         print(f"\n  cpu: {out.strip().splitlines()[-1]}\n  cpu: {portable}")
 
     # Staging Job: init tiny model + prepare synthetic data onto the volume.
-    out = run("staging", stage_c["command"] + stage_c["args"], _container_env(stage_c, {}))
+    out = run("staging", stage_c["command"] + stage_c["args"], _container_env(stage_c, {}),
+              as_user=f"{stage_uid}:{stage_gid}")
     assert "staging: done" in out
 
     # The CPU eval Job, container by container (init containers first). Its base-model step needs only the staging
@@ -729,8 +734,8 @@ def test_cpu_image_runs_the_chart_and_eval_job_commands_on_a_mounted_volume(engi
     def assert_on_volume(paths: list[Path]) -> None:
         missing = [str(p) for p in paths if not p.exists()]
         assert not missing, f"not written to the mounted volume: {missing}"
-        foreign = [str(p) for p in vol.rglob("*") if p.stat().st_uid != uid]
-        assert not foreign, f"files on the volume not owned by uid {uid}: {foreign[:5]}"
+        foreign = [str(p) for p in vol.rglob("*") if p.stat().st_uid not in (uid, stage_uid)]
+        assert not foreign, f"files on the volume owned by neither uid {uid} nor {stage_uid}: {foreign[:5]}"
 
     assert_on_volume([on_volume(train["model"]["path"]) / "config.json",
                       on_volume(train["data"]["path"]) / "manifest.json", run_dir / "eval" / "base"])

@@ -24,6 +24,8 @@ NEEDED = {  # what workers do need, and may see: offline mode, hooks, the object
     "AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_REGION": "us-east-1",
     "AWS_SHARED_CREDENTIALS_FILE": "/var/run/secrets/aws/credentials",
     "GOOGLE_APPLICATION_CREDENTIALS": "/var/run/secrets/gcp/key.json", "HF_TOKEN_PATH": "/var/run/secrets/hf/token",
+    # the progress publisher's token file (trainer/progress.py): rank 0 needs the path to patch its RayJob
+    "DOLLY_KUBE_TOKEN_FILE": "/var/run/secrets/kubernetes.io/serviceaccount/token",
 }
 
 

@@ -48,7 +48,12 @@ SECRET_FILE_POINTERS = frozenset({"AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FIL
 
 
 def is_secret_name(name: str) -> bool:
-    return name not in SECRET_FILE_POINTERS and bool(SECRET_ENV.search(name))
+    """A name that looks like it holds a credential. Variables that point at a file (`..._FILE`, `..._PATH`, and
+    the cloud SDKs' own names) carry a path, not the secret, and must reach the workers: e.g. the progress
+    publisher's DOLLY_KUBE_TOKEN_FILE, the service-account token it reads (trainer/progress.py)."""
+    if name in SECRET_FILE_POINTERS or name.upper().endswith(("_FILE", "_PATH")):
+        return False
+    return bool(SECRET_ENV.search(name))
 
 
 def worker_env(environ) -> dict[str, str]:
