@@ -667,9 +667,13 @@ def test_cpu_image_runs_the_chart_and_eval_job_commands_on_a_mounted_volume(engi
 
     # The image: its own user must be the pods' uid (runAsNonRoot checks the numeric USER), not root.
     cfg = _inspect(engine, cpu_image)["Docker"]["config"]
-    image_uid, _, image_gid = cfg["User"].partition(":")
+    image_uid = cfg["User"].partition(":")[0]
     assert int(image_uid) == uid != 0, f"image USER {cfg['User']} vs pod runAsUser {uid}"
-    user = f"{uid}:{image_gid or uid}"  # no runAsGroup in the chart: the image's group applies
+    # No runAsGroup on the Ray pods: their primary group is the image's, and the kubelet adds fsGroup as a
+    # supplementary group. buildah run cannot add one, so the Ray steps run with fsGroup as their group: the same
+    # access to what the staging Job (another uid, in that group) wrote, and the same group on new files (the
+    # volume's directories are setgid, as the kubelet leaves them).
+    user = f"{uid}:{fs_group}"
     workdir = cfg["WorkingDir"]
 
     # The volume as kubelet leaves it with fsGroup: group fsGroup, setgid. buildah run cannot add fsGroup as a
