@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
-# Issue 28's GPU bars in few device calls (docs/benchmarks.md, "Next lease" has the exact calls). Here, once:
-#   bench/gpu_wheels.sh pack .gpu-wheels train eval     # .gpu-wheels/train-a (21 MB), eval-a .. eval-e (5 x <= 61 MB)
-# There, each call carries at most one piece (64 MiB per call); pieces wait in $PARTS while the machine stays warm
-# (it goes back 30 s after a call), so the calls follow each other at once:
+# The GPU bars of issues 28 and 25 in few device calls (docs/benchmarks.md, "Next lease" has the exact calls). Here,
+# once:
+#   bench/gpu_wheels.sh pack .gpu-wheels train eval lora ray   # train-a (21 MB), eval-a..e, lora-a (42), ray-a/b
+# There, each call carries at most 64 MiB of pieces; pieces wait in $PARTS while the machine stays warm, so the
+# calls follow each other at once:
 #   bench/gpu_lease.sh stash   # only copy the piece(s) this call carried to $PARTS
 #   bench/gpu_lease.sh train   # one H200, < 9 min: the piece, install `train`, the 7B model + data, the bench levers
 #   bench/gpu_lease.sh eval    # one H100 or H200, < 9 min, once train-a and eval-a..d are stashed: eval-speed both
 #                              # orders (in-process engine), the warm whole `dolly-eval run`, the host-memory refusal
+#   bench/gpu_lease.sh prep    # install what is complete (train, lora), then the 7B model + data (~1.5 min)
+#   bench/gpu_lease.sh lora    # one H100 (issue 25), once train, lora and ray are stashed: the 7B model + data, then
+#                              # `dolly-train train --config mistral-7b-lora-1gpu` through Ray Train with its own
+#                              # export (adapter + merged), the bench figure beside it, and the record
+#   bench/gpu_lease.sh qlora   # the same for mistral-7b-qlora-24gb (a second call: each stays under 10 min)
+#   bench/gpu_lease.sh lora-eval  # once eval is stashed too: vLLM on the merged export and on base + adapter
 # Everything measured lands in $OUT as it finishes (logs, records), so a call stopped at its limit still returns
-# what completed. Knobs: BENCH_VARIANTS, BENCH_STEPS, BENCH_WARMUP, BENCH_ARGS (train), EVAL_CONFIG (eval).
+# what completed. Knobs: BENCH_VARIANTS, BENCH_STEPS, BENCH_WARMUP, BENCH_ARGS (train), EVAL_CONFIG (eval),
+# LORA_STEPS (lora, qlora).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PIECES=${PIECES:-.gpu-wheels}
@@ -82,9 +90,38 @@ eval_bars() {
     | tee -a "$OUT/eval-lease.log" || true
 }
 
+lora_run() {  # $1: preset, $2: run name, $3: bench variant (LORA_PRESET: another preset, e.g. cpu-tiny-lora
+  set -- "${LORA_PRESET:-$1}" "$2" "$3"         # for the CPU dry run with ARCH=tiny SKIP_INSTALL=1 BENCH_ARGS=--cpu)
+  lease_install
+  local M=$W/models/${ARCH:-mistral-7b} D=$W/data/dolly-synthetic log="$OUT/$2-lease.log"
+  if [ -f "$M/config.json" ] && [ -f "$D/manifest.json" ]; then echo "model and data from an earlier call" >"$log"
+  else bench/gpu_pipeline.sh model data 2>&1 | tee "$log"; fi
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>&1 | tee -a "$log" || true
+  # the preset through Ray Train (one GPU worker), exporting itself as a user's run does; with LORA_BENCH=1 the
+  # same preset in bench/train_throughput.py (no Ray) too, for the record's comparison
+  PRESET=$1 RUN=$2 STEPS=${LORA_STEPS:-16} EVERY=8 SAVE_OPTIMIZER_STATE=true EXTRA="checkpoint.export=true ${LORA_EXTRA:-}" \
+    bench/gpu_pipeline.sh train export 2>&1 | tee -a "$log"
+  if [ -n "${LORA_BENCH:-}" ]; then  # off by default: run10 holds these presets' bench figures; ~90 s more
+    BENCH_VARIANTS=$3 BENCH_STEPS=${BENCH_STEPS:-6} BENCH_WARMUP=${BENCH_WARMUP:-3} \
+      BENCH_ARGS=${BENCH_ARGS:---timeout 200} RUN=$2 bench/gpu_pipeline.sh bench 2>&1 | tail -n 4 | tee -a "$log"
+  fi
+  PRESET=$1 RUN=$2 RECORD_VARIANT=$3 bench/gpu_pipeline.sh record 2>&1 | tail -n 60 | tee -a "$log"
+}
+
+lora_eval() {
+  lease_install
+  local log="$OUT/lora-eval-lease.log"
+  PRESET=${LORA_PRESET:-mistral-7b-lora-1gpu} RUN=lora-1gpu bench/gpu_pipeline.sh eval-lora 2>&1 | grep -v WARNING | tail -n 40 | tee "$log"
+  PRESET=${LORA_PRESET:-mistral-7b-lora-1gpu} RUN=lora-1gpu RECORD_VARIANT=lora-1gpu bench/gpu_pipeline.sh record 2>&1 | tail -n 60 | tee -a "$log"
+}
+
 case "${1:-}" in
   stash) lease_stash ;;
   train) train ;;
   eval) eval_bars ;;
-  *) sed -n '2,13p' "$0"; exit 2 ;;
+  prep) lease_install; bench/gpu_pipeline.sh model data 2>&1 | tee "$OUT/prep-lease.log" ;;
+  lora) lora_run mistral-7b-lora-1gpu lora-1gpu lora-1gpu ;;
+  qlora) lora_run mistral-7b-qlora-24gb qlora-24gb qlora-24gb ;;
+  lora-eval) lora_eval ;;
+  *) sed -n '2,20p' "$0"; exit 2 ;;
 esac

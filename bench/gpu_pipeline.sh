@@ -6,12 +6,15 @@
 #   model         dolly-train init-model --arch mistral-7b (random init, bf16 safetensors, the real v3 tokenizer)
 #   data          dolly-train prepare --source synthetic --profile dolly (15,000 records, max length 2,048)
 #   bench         bench/train_throughput.py on the same model folder and data dir (no Ray), same preset
+#   train         one uninterrupted `dolly-train train --config $PRESET` through Ray Train (a fresh run dir)
 #   train-kill    a local Ray head started as the chart's RayJob starts one (`ray start --head`), then
 #                 `dolly-train train --config $PRESET` through Ray Train (one GPU worker, NCCL); killed once
 #                 Ray Train has registered its second checkpoint
 #   train-resume  the same command again: it resumes from the latest checkpoint and finishes
 #   export        `dolly-train export` of the final checkpoint (the run's own export too, when enabled)
 #   eval          `dolly-eval run` on the base folder and on the export, then `dolly-eval compare` (needs vLLM)
+#   eval-lora     LoRA runs: `dolly-eval run` on the merged export and on base + adapter (vLLM's LoRA path),
+#                 one seed each, then `dolly-eval compare` of the two (needs vLLM)
 #   export-train  bench/export_logits.py train: a few in-process steps, the engine's probe logits, an export
 #   export-check  bench/export_logits.py check: those logits vs the export's in transformers, and vLLM's
 #                 prompt log-probs of the export (needs vLLM)
@@ -23,6 +26,7 @@
 # same script runs end to end on the tiny model (ARCH=tiny PRESET=cpu-tiny BENCH_ARGS=--cpu, small sizes):
 #   ARCH=mistral-7b LAYERS= PRESET=mistral-7b-zero3-1gpu STEPS_KILL=16 STEPS=24 EVERY=8 NUM_EXAMPLES=15000
 #   MAX_LENGTH=2048 BENCH_VARIANTS=preset-1gpu BENCH_STEPS=10 EXTRA="override ..." PY=python3 RAY_PORT=6379
+#   RUN=gpu-pipeline (the run dir's name under $DOLLY_GPU_WORK/runs)
 # A 64 GiB disk cannot hold a 7B ZeRO-3 checkpoint with optimizer state (~100 GB): by default the run writes
 # weights-only checkpoints (checkpoint.save_optimizer_state=false, ~14.5 GB); SAVE_OPTIMIZER_STATE=true
 # with LAYERS=8 proves the full-state resume on a same-width model that fits.
@@ -47,14 +51,17 @@ EXTRA=${EXTRA:-}
 PY=${PY:-python3}
 RAY_PORT=${RAY_PORT:-6379}
 OUTDIR=${OUT:-$W/out}
-RUN=gpu-pipeline
+RUN=${RUN:-gpu-pipeline}
 M=$W/models/$ARCH${LAYERS:+-l$LAYERS}
 D=$W/data/dolly-synthetic
 R=$W/runs
-T=$W/timings
+T=$W/timings/$RUN   # per run: the LoRA lease records two runs on one machine
 mkdir -p "$W" "$T" "$OUTDIR"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+# Ray 2.60 turns token auth on for `ray start` when ~/.ray/auth_token exists (any earlier local ray.init writes one),
+# and a driver without the token then cannot connect: this one-machine head runs without auth, as a kind cluster does
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 # one vLLM compile cache for every engine here, as the eval Job keeps it on the volume (eval-speed empties it
 # first, so its engine start is the cold figure and every later one is warm)
 export VLLM_CACHE_ROOT=${VLLM_CACHE_ROOT:-$W/vllm-cache}
@@ -123,6 +130,8 @@ stage_train_kill() {
   grep -v WARNING "$log" | grep -E "dolly-train|Error" | tail -n 20
 }
 
+stage_train() { rm -rf "${R:?}/$RUN"; stage_train_resume; }
+
 stage_train_resume() {
   ray_head
   local log=$W/train-leg2.log
@@ -133,10 +142,15 @@ stage_train_resume() {
   cp "$R/$RUN/metrics.jsonl" "$OUTDIR/metrics.jsonl"
 }
 
-stage_export() {
+stage_export() {  # with EXTRA=checkpoint.export=true the run exported itself: only its sizes are taken here
   local last; last=$(find "$R/$RUN" -maxdepth 1 -type d -name 'checkpoint_[0-9]*' | sort | tail -n1)
   du -sb "$last" | cut -f1 > "$T/checkpoint_bytes"
-  timed export cli export --checkpoint "$last" --out "$R/$RUN/export"
+  [ -f "$R/$RUN/export/config.json" ] || timed export cli export --checkpoint "$last" --out "$R/$RUN/export"
+  du -sb "$R/$RUN/export" | cut -f1 > "$T/export_bytes"
+  if [ -d "$R/$RUN/export-adapter" ]; then  # LoRA: the PEFT adapter beside the merged folder
+    du -sb "$R/$RUN/export-adapter" | cut -f1 > "$T/adapter_bytes"
+    cp "$R/$RUN"/export*/lora_export.json "$OUTDIR/$RUN-lora_export.json" 2>/dev/null || true
+  fi
 }
 
 stage_eval() {
@@ -146,6 +160,18 @@ stage_eval() {
     --out "$R/$RUN/eval/tuned"
   "$PY" -m evaluator.cli compare "$R/$RUN/eval/base" "$R/$RUN/eval/tuned" --out "$R/$RUN/eval/compare"
   cp "$R/$RUN/eval/tuned/metrics.json" "$OUTDIR/eval-tuned-metrics.json"
+}
+
+stage_eval_lora() {  # issue 25: the merged export vs base + adapter through vLLM's LoRA path, same prompts
+  export VLLM_USE_FLASHINFER_SAMPLER=${VLLM_USE_FLASHINFER_SAMPLER:-0}
+  local e=$R/$RUN/eval
+  timed eval_merged "$PY" -m evaluator.cli run --config "$EVAL_CONFIG" --model "$R/$RUN/export" --data "$D" \
+    --out "$e/merged" --seeds 0
+  timed eval_adapter "$PY" -m evaluator.cli run --config "$EVAL_CONFIG" --model "$M" --adapter "$R/$RUN/export-adapter" \
+    --data "$D" --out "$e/adapter" --seeds 0
+  "$PY" -m evaluator.cli compare "$e/merged" "$e/adapter" --out "$e/compare"
+  cp "$e/merged/metrics.json" "$OUTDIR/$RUN-eval-merged-metrics.json"
+  cp "$e/adapter/metrics.json" "$OUTDIR/$RUN-eval-adapter-metrics.json"
 }
 
 stage_export_train() {
@@ -174,8 +200,10 @@ stage_eval_speed() {  # issue 15: raw vLLM vs the evaluator on one engine, cold 
 }
 
 stage_record() {
-  "$PY" bench/gpu_pipeline_record.py --work "$W" --run "$R/$RUN" --preset "$PRESET" --arch "$ARCH${LAYERS:+ ($LAYERS layers)}" \
-    --out "$OUTDIR/gpu-pipeline-$(date +%Y-%m-%d).json"
+  local name=gpu-pipeline; [ "$RUN" = gpu-pipeline ] || name=gpu-pipeline-$RUN
+  "$PY" bench/gpu_pipeline_record.py --work "$W" --timings "$T" --run "$R/$RUN" --preset "$PRESET" \
+    --arch "$ARCH${LAYERS:+ ($LAYERS layers)}" --bench-variant "${RECORD_VARIANT:-preset-1gpu}" \
+    --out "$OUTDIR/$name-$(date +%Y-%m-%d).json"
 }
 
 [ $# -gt 0 ] || { sed -n '2,30p' "$0"; exit 2; }

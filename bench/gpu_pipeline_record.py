@@ -74,12 +74,16 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", required=True, help="the pipeline's work dir (holds timings/)")
     p.add_argument("--run", required=True, help="the run dir")
+    p.add_argument("--timings", help="the stage timings dir (default: WORK/timings/<run dir name>)")
     p.add_argument("--preset", required=True)
     p.add_argument("--arch", required=True)
     p.add_argument("--out", required=True, help="JSON record to write")
+    p.add_argument("--bench-variant", default="preset-1gpu",
+                   help="the bench/train_throughput.py variant this run is compared with (lora-1gpu, qlora-24gb)")
     args = p.parse_args()
     work, run = Path(args.work), Path(args.run)
-    timings = {f.name: f.read_text().strip() for f in (work / "timings").iterdir()}
+    tdir = Path(args.timings) if args.timings else work / "timings" / run.name
+    timings = {f.name: f.read_text().strip() for f in tdir.iterdir() if f.is_file()}
     num = {k: float(v) for k, v in timings.items() if v.replace(".", "", 1).isdigit()}
 
     records = read_jsonl(run / "metrics.jsonl")
@@ -93,7 +97,7 @@ def main() -> int:
     bench = {}
     if "bench_record" in timings:
         rec = json.loads(Path(timings["bench_record"]).read_text())
-        bench = next((r for r in rec["results"] if r.get("variant") == "preset-1gpu" and "error" not in r), {})
+        bench = next((r for r in rec["results"] if r.get("variant") == args.bench_variant and "error" not in r), {})
         bench["_record"] = rec
     bench_tps = bench.get("real_tokens_per_s_median")
 
@@ -136,6 +140,9 @@ def main() -> int:
     if em.is_file():
         eval_metrics = json.loads(em.read_text())
 
+    estimate = preflight.get("mem_estimate_total_gib")
+    lora = _lora_record(run, num, work)
+
     record = {
         "date": __import__("time").strftime("%Y-%m-%d"),
         "gpu": bench.get("_record", {}).get("gpu"),
@@ -151,7 +158,11 @@ def main() -> int:
         "ray_vs_bench": ray_tps / bench_tps if ray_tps and bench_tps else None,
         "ray_gpu_mem_peak_gib": ray_peak,
         "bench_gpu_mem_peak_gib": bench.get("peak_gpu_mem_gib"),
-        "gpu_mem_estimate_gib": preflight.get("mem_estimate_total_gib"),
+        "gpu_mem_estimate_gib": estimate,
+        # the preflight bar (issue 25): |peak - estimate| within 3% of the estimate
+        "gpu_mem_peak_vs_estimate": (ray_peak - estimate) / estimate if ray_peak and estimate else None,
+        "gpu_mem_estimate_terms_gib": {k.removeprefix("mem_estimate_").removesuffix("_gib"): v
+                                       for k, v in preflight.items() if k.startswith("mem_estimate_")},
         "checkpoint_mode": "full" if (run / "config.yaml").read_text().find("save_optimizer_state: false") < 0
         else "weights-only",
         "checkpoint_save_s": statistics.median(r["save_seconds"] for r in ckpts) if ckpts else None,
@@ -169,6 +180,7 @@ def main() -> int:
         "export_check": _json(work / "export-check" / "export_logits.json"),
         "eval_speed": _json(work / "eval-speed.json"),
         "eval_tuned_phases_s": eval_metrics.get("timings"),
+        "lora": lora,
         "train_log": [{k: r.get(k) for k in ("step", "loss", "tokens_per_s", "gpu_mem_peak_gb", "data_fingerprint")}
                       for r in train],
     }
@@ -181,6 +193,33 @@ def main() -> int:
     print(json.dumps(short, indent=1))
     print("resume:", json.dumps(resume))
     return 0 if resume_ok is not False else 1
+
+
+def _lora_record(run: Path, num: dict, work: Path) -> dict | None:
+    """A LoRA run's export (adapter + merged folder, their sizes, the QLoRA logits distance) and the vLLM runs on
+    the merged folder and on base + adapter (bench/gpu_pipeline.sh eval-lora)."""
+    exported = _json(run / "export" / "lora_export.json")
+    if exported is None:
+        return None
+    out = {"export": exported, "export_bytes": num.get("export_bytes"), "adapter_bytes": num.get("adapter_bytes"),
+           "checkpoint_bytes": num.get("checkpoint_bytes")}
+    for name in ("merged", "adapter"):
+        m = _json(run / "eval" / name / "metrics.json")
+        if m:
+            out[f"eval_{name}"] = {"wall_s": num.get(f"eval_{name}"), "timings": m.get("timings"),
+                                   "throughput": m["generation"]["throughput"],
+                                   "output_tokens": m["generation"]["output_tokens"],
+                                   "rougeL": m["overall"].get("rougeL"), "engine": m.get("engine", {}).get("llm_kwargs")}
+    merged, adapter = out.get("eval_merged"), out.get("eval_adapter")
+    if merged and adapter:
+        gm, ga = merged["timings"]["generate_seconds"], adapter["timings"]["generate_seconds"]
+        out["adapter_path_generate_s_over_merged"] = ga / gm
+        out["compare"] = _json(run / "eval" / "compare" / "compare.json")
+        preds = [{(r["id"], r.get("seed")): r["prediction"] for r in read_jsonl(run / "eval" / n / "predictions.jsonl")}
+                 for n in ("merged", "adapter")]
+        same = sum(1 for k, v in preds[0].items() if preds[1].get(k) == v)
+        out["identical_predictions"] = {"same": same, "of": len(preds[0])}
+    return out
 
 
 def _json(path: Path) -> dict | None:

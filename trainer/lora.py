@@ -176,34 +176,96 @@ def adapter_shapes(cfg: TrainConfig, model_config) -> list[tuple[int, int]]:
     return per_layer * model_config.num_hidden_layers
 
 
+def layer_saved_bytes(cfg: TrainConfig, model_config, half: int, mask_bytes: float,
+                      input_requires_grad: bool = True) -> float:
+    """Bytes per token that one decoder layer with adapters keeps for the backward pass: autograd's saved tensors,
+    counted op by op in the layer's order (PyTorch's derivative formulas, peft's LoRA Linear, transformers'
+    Mistral layer) and checked against a real layer by tests/test_lora_memory.py. The base is frozen, so no base
+    linear keeps its input, and an op keeps something only once a gradient flows through it. Kept:
+    - each of the two RMSNorms: its input upcast to fp32 and the fp32 1/rms (4H + 4 bytes);
+    - attention (SDPA, flex): q, k and v after RoPE (k, v with the KV heads), the output and the fp32 log-sum-exp
+      per head; o_proj's input is that output itself (the kernels write it token-major, so the reshape is free);
+    - the MLP: gate and up outputs and SiLU(gate) (3I);
+    - per adapted linear: lora_A's output (r) for lora_B, and lora_A's input: with dropout a dropped-out copy
+      per linear plus dropout's mask (`mask_bytes` an element: a bool on CUDA, the scaled noise in the training
+      dtype on a CPU, where ATen has no fused dropout); without dropout the tensor the linear reads (the norms'
+      outputs, the attention output, the MLP product), once per tensor.
+    `input_requires_grad=False`: the first layer when nothing before it trains (frozen embeddings, no
+    activation checkpointing): nothing is kept before the first adapted linear."""
+    H, I = model_config.hidden_size, model_config.intermediate_size
+    heads = model_config.num_attention_heads
+    kv = getattr(model_config, "num_key_value_heads", heads) or heads
+    hd = getattr(model_config, "head_dim", None) or H // heads
+    adapted = {n for n, _, _ in adapted_linears(cfg, model_config)}
+    dropout = cfg.lora.dropout > 0
+    total = 0.0
+
+    def adapters(names: tuple[str, ...], width: int, grad_in: bool, input_kept: bool) -> float:
+        """lora_A's inputs and outputs of the adapted `names` reading one `width`-wide tensor."""
+        mine = [n for n in names if n in adapted]
+        if not mine:
+            return 0.0
+        out = half * cfg.lora.r * len(mine)
+        if dropout:  # a dropped-out copy each; the mask only where a gradient flows back into the input
+            return out + len(mine) * width * (half + (mask_bytes if grad_in else 0))
+        return out + (0 if input_kept else half * width)
+
+    grad = input_requires_grad
+    total += (4 * H + 4) if grad else 0                                     # input_layernorm
+    total += adapters(("q_proj", "k_proj", "v_proj"), H, grad, False)
+    grad = grad or bool(adapted & {"q_proj", "k_proj", "v_proj"})
+    total += (half * (2 * heads * hd + 2 * kv * hd) + 4 * heads) if grad else 0  # attention
+    total += adapters(("o_proj",), heads * hd, grad, grad)
+    grad = grad or "o_proj" in adapted
+    total += (4 * H + 4) if grad else 0                                     # post_attention_layernorm
+    total += adapters(("gate_proj", "up_proj"), H, grad, False)
+    gate, up = grad or "gate_proj" in adapted, grad or "up_proj" in adapted
+    # SiLU keeps gate; act * up keeps each factor the other one's gradient needs
+    total += half * I * ((1 if gate else 0) + (1 if gate else 0) + (1 if up else 0))
+    total += adapters(("down_proj",), I, gate or up, False)
+    return total
+
+
 def memory_terms(cfg: TrainConfig, model_config, n_params: int, W: int, half: int, tokens: int,
-                 activations: float) -> tuple[float, float, float, float]:
-    """Per-GPU bytes of (weights, gradients, optimizer, activations) for a LoRA/QLoRA run (trainer/memory.py):
-    the frozen base without gradients or optimizer state (4-bit for QLoRA: half a byte per linear weight plus its
-    quantization constants), the adapter's gradients, fp32 master copy and Adam moments, and the activations
-    the adapters add: with dropout, peft keeps each adapted linear's dropped-out input for the backward pass."""
+                 device_type: str = "cuda") -> tuple[float, ...]:
+    """Per-GPU bytes of (weights, gradients, optimizer, held activations, one recomputed layer, transient buffers)
+    for a LoRA/QLoRA run (trainer/memory.py): the frozen base without gradients or optimizer state (4-bit for
+    QLoRA: half a byte per linear weight plus its quantization constants), the adapter's gradients, fp32 master
+    copy and Adam moments, the activations of `layer_saved_bytes`, and for QLoRA the largest linear dequantized
+    to the compute dtype for the backward pass (bitsandbytes' MatMul4Bit)."""
     linears = adapted_linears(cfg, model_config)
     L = model_config.num_hidden_layers
+    H, I = model_config.hidden_size, model_config.intermediate_size
+    heads = model_config.num_attention_heads
+    kv = getattr(model_config, "num_key_value_heads", heads) or heads
+    hd = getattr(model_config, "head_dim", None) or H // heads
     trainable = L * sum(cfg.lora.r * (i + o) for _, i, o in linears)
+    extra = 0.0
     if cfg.lora.method == "qlora":
-        H, I = model_config.hidden_size, model_config.intermediate_size
-        heads = model_config.num_attention_heads
-        kv = getattr(model_config, "num_key_value_heads", heads) or heads
-        hd = getattr(model_config, "head_dim", None) or H // heads
-        quantized = L * (2 * H * heads * hd + 2 * H * kv * hd + 3 * H * I)
+        shapes = [(H, heads * hd), (H, kv * hd), (H, kv * hd), (heads * hd, H), (H, I), (H, I), (I, H)]
+        quantized = L * sum(i * o for i, o in shapes)
         # 4 bits a weight + one absmax per 64 (fp32, or 8 bits + a second-level constant with double quant)
         per_weight = 0.5 + (1.0 / 64 + 4 / (64 * 256) if cfg.lora.double_quant else 4 / 64)
         weights = quantized * per_weight + (n_params - quantized) * half
+        extra = max(i * o for i, o in shapes) * half
     else:
         weights = n_params * half / (W if cfg.deepspeed.stage == 3 else 1)
     weights += trainable * half
     grads = trainable * half + (trainable * 4 / W if cfg.deepspeed.stage == 2 else 0)
     optimizer = 0 if cfg.deepspeed.offload_optimizer else trainable * ((4 if half == 2 else 0) + 8) / W
-    if cfg.lora.dropout > 0:
+
+    mask = 1 if device_type == "cuda" else half
+    layer = layer_saved_bytes(cfg, model_config, half, mask)
+    model_wide = 2 * hd * half + 4 * H + 4  # RoPE's cos and sin (shared by every layer), the final norm
+    if cfg.model.activation_checkpointing:  # enable_input_require_grads: every layer's input needs a gradient
         n_ckpt = cfg.model.activation_checkpointing_layers
-        kept = L if not cfg.model.activation_checkpointing else (L - (L if n_ckpt is None else min(n_ckpt, L)) + 1)
-        activations += tokens * kept * sum(i for _, i, _ in linears) * half
-    return weights, grads, optimizer, activations
+        n_ckpt = L if n_ckpt is None else min(n_ckpt, L)
+        held = tokens * (n_ckpt * H * half + (L - n_ckpt) * layer + model_wide)
+        recompute = tokens * layer
+    else:
+        first = layer_saved_bytes(cfg, model_config, half, mask, input_requires_grad=False)
+        held, recompute = tokens * (first + (L - 1) * layer + model_wide), 0.0
+    return weights, grads, optimizer, held, recompute, extra
 
 
 def adapter_state(state: dict) -> dict:

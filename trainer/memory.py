@@ -3,9 +3,13 @@ and how much disk a checkpoint takes.
 
 An estimate, not a promise: it counts the large terms (weights, gradients, fp32 master weights and Adam
 moments per ZeRO stage and offload, activations per micro-batch with or without activation checkpointing,
-the LM head over label positions) and leaves out allocator fragmentation and DeepSpeed's buckets. The GPU
-record in docs/benchmarks/ sets each estimate beside the measured peak. A run refuses to start only when the
-estimate clearly exceeds the GPU.
+the LM head over label positions, DeepSpeed's ZeRO-1/2 gradient reduction buckets) and leaves out allocator
+fragmentation and ZeRO-3's buckets. The peak is where backward begins: everything the forward kept, plus the
+LM head's backward; with activation checkpointing the LM head's buffers are gone before the first layer is
+recomputed, so the peak takes the larger of the two, not their sum. For LoRA the activations are autograd's
+saved tensors of a layer with adapters, counted term by term (trainer/lora.py; tests/test_lora_memory.py checks
+the count against a real layer). The GPU record in docs/benchmarks/ sets each estimate beside the measured
+peak. A run refuses to start only when the estimate clearly exceeds the GPU.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class MemoryEstimate:
     optimizer_gib: float  # fp32 master weights + Adam moments held on the GPU
     activations_gib: float
     lm_head_gib: float
+    buffers_gib: float  # DeepSpeed's ZeRO-1/2 reduction buckets; QLoRA's dequantized weight in backward
     total_gib: float
     device_gib: float | None = None
     host: "HostMemoryEstimate | None" = None  # with optimizer or parameter offload only
@@ -53,11 +58,23 @@ class MemoryEstimate:
         dev = f" of {self.device_gib:.0f} GiB on the device" if self.device_gib else ""
         return (f"GPU memory estimate {self.total_gib:.1f} GiB{dev}: weights {self.weights_gib:.1f}, "
                 f"gradients {self.gradients_gib:.1f}, optimizer {self.optimizer_gib:.1f}, "
-                f"activations {self.activations_gib:.1f}, LM head {self.lm_head_gib:.1f}")
+                f"activations {self.activations_gib:.1f}, LM head {self.lm_head_gib:.1f}, buffers {self.buffers_gib:.1f}")
 
 
-def estimate_gpu_memory(cfg, model_config, n_params: int, world_size: int) -> MemoryEstimate:
-    """Per-GPU bytes for training `n_params` parameters of a decoder-only `model_config` under `cfg`."""
+def reduction_buckets(cfg, half: int) -> float:
+    """DeepSpeed's ZeRO-1/2 gradient reduction buckets: with `contiguous_gradients` (always on here) each backward
+    allocates a buffer of `reduce_bucket_size` elements in the training dtype, and a second one with `overlap_comm`
+    (DeepSpeed 0.19.8, runtime/zero/stage_1_and_2.py, `setup_buckets`), whatever the number of trained parameters:
+    1.9 GiB at the default 5e8 in bf16. ZeRO-3's buffers are not counted."""
+    ds = cfg.deepspeed
+    if ds.stage == 3:
+        return 0.0
+    return (2 if ds.overlap_comm else 1) * ds.reduce_bucket_size * half
+
+
+def estimate_gpu_memory(cfg, model_config, n_params: int, world_size: int, device_type: str = "cuda") -> MemoryEstimate:
+    """Per-GPU bytes for training `n_params` parameters of a decoder-only `model_config` under `cfg` on a
+    `device_type` device (it decides how large a LoRA dropout mask is)."""
     ds = cfg.deepspeed
     W = max(world_size, 1)
     half = 2 if cfg.model.precision == "bf16" else 4
@@ -85,23 +102,31 @@ def estimate_gpu_memory(cfg, model_config, n_params: int, world_size: int) -> Me
     # MLP gate/up/activation/product, down_proj output (SDPA/flex keep no L x L matrix).
     per_layer = 2 * H + (heads + 2 * kv) * head_dim + heads * head_dim + H + 4 * I + H
     if cfg.model.activation_checkpointing:
-        # a checkpointed layer keeps its input, one layer's full set lives at a time while it is recomputed;
-        # with selective checkpointing the layers past `activation_checkpointing_layers` keep their full set
+        # a checkpointed layer keeps its input; with selective checkpointing the layers past
+        # `activation_checkpointing_layers` keep their full set; in backward one layer's full set is recomputed
         n_ckpt = cfg.model.activation_checkpointing_layers
         n_ckpt = n_layers if n_ckpt is None else min(n_ckpt, n_layers)
-        activations = tokens * (n_ckpt * H + (n_layers - n_ckpt) * per_layer + per_layer) * half
+        held = tokens * (n_ckpt * H + (n_layers - n_ckpt) * per_layer) * half
+        recompute = tokens * per_layer * half
     else:
-        activations = tokens * n_layers * per_layer * half
+        held, recompute = tokens * n_layers * per_layer * half, 0.0
     # LM head over label positions (at most every token): fp32 logits, their gradient and the bf16 product.
     lm_head = tokens * V * (4 + 4 + half) * 0.5  # ~half the positions carry a label in Dolly's prompts
+    buffers = reduction_buckets(cfg, half)
     if cfg.lora.enabled:  # LoRA: frozen base, adapter-sized gradients and optimizer (trainer/lora.py)
         from trainer.lora import memory_terms
 
-        weights, grads, optimizer, activations = memory_terms(cfg, model_config, n_params, W, half, tokens,
-                                                              activations)
+        weights, grads, optimizer, held, recompute, extra = memory_terms(cfg, model_config, n_params, W, half,
+                                                                          tokens, device_type)
+        buffers += extra
 
-    total = weights + grads + optimizer + activations + lm_head
-    return MemoryEstimate(*(x / GIB for x in (weights, grads, optimizer, activations, lm_head, total)))
+    activations = held + recompute
+    # the peak: where backward starts (all that is held + the LM head's backward), or, with checkpointing, where a
+    # layer is recomputed (the LM head's buffers are freed by then)
+    total = weights + grads + optimizer + buffers + held + max(lm_head, recompute)
+    return MemoryEstimate(weights_gib=weights / GIB, gradients_gib=grads / GIB, optimizer_gib=optimizer / GIB,
+                          activations_gib=activations / GIB, lm_head_gib=lm_head / GIB, buffers_gib=buffers / GIB,
+                          total_gib=total / GIB)
 
 
 def checkpoint_bytes(n_params: int, save_optimizer_state: bool, precision: str, stage: int = 3) -> int:
@@ -263,7 +288,7 @@ def check_gpu_memory(cfg, world_size: int, device, is_main: bool) -> tuple[Memor
     with torch.device("meta"):
         shapes = [tuple(p.shape) for p in AutoModelForCausalLM.from_config(config).parameters()]
     n_params = sum(math.prod(s) for s in shapes)
-    est = estimate_gpu_memory(cfg, config, n_params, world_size)
+    est = estimate_gpu_memory(cfg, config, n_params, world_size, device.type)
     trained = None
     if cfg.lora.enabled:  # LoRA: the optimizer holds the adapter only (A: r x in, B: out x r per adapted linear)
         from trainer.lora import adapter_shapes
