@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import dolly_train, metrics
 
 pytestmark = pytest.mark.slow
 
@@ -38,18 +39,8 @@ STEPS = 8
 
 
 def train(tmp: Path, model: Path, data: Path, run: str, *extra: str, env: dict | None = None,
-          timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "trainer.cli", "train", "--config", "cpu-tiny-lora", f"model.path={model}",
-           f"data.path={data}", f"checkpoint.storage_path={tmp}", f"checkpoint.run_name={run}", *BASE, *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})})
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc
-
-
-def metrics(run_dir: Path, kind: str = "train") -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["kind"] == kind]
+          timeout: int = 600):
+    return dolly_train("cpu-tiny-lora", tmp, model, data, run, *BASE, *extra, env=env, timeout=timeout)
 
 
 def adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:

@@ -6,18 +6,16 @@ test runs the in-process start."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import dolly_train, metrics
 
 pytestmark = pytest.mark.slow
 
@@ -34,18 +32,8 @@ BASE = [
 
 
 def train(tmp: Path, model: Path, data: Path, run: str, *extra: str, env: dict | None = None,
-          timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "trainer.cli", "train", "--config", "cpu-tiny", f"model.path={model}",
-           f"data.path={data}", f"checkpoint.storage_path={tmp}", f"checkpoint.run_name={run}", *BASE, *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})})
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc
-
-
-def metrics(run_dir: Path, kind: str = "train") -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["kind"] == kind]
+          timeout: int = 600):
+    return dolly_train("cpu-tiny", tmp, model, data, run, *BASE, *extra, env=env, timeout=timeout)
 
 
 def probe_logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
