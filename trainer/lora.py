@@ -322,7 +322,10 @@ def export_adapter_and_merged(cfg: TrainConfig, adapter: dict, out: str | Path, 
     merged = peft_model.merge_and_unload()
     config = merged.config
     state = merged.state_dict()
-    target_dtype = dtype if dtype is not None else _config_dtype(config)
+    # the base's own dtype from its config.json: `config` is the fp32 merge's (loading in fp32 rewrites it)
+    from transformers import AutoConfig
+
+    target_dtype = dtype if dtype is not None else _config_dtype(AutoConfig.from_pretrained(cfg.model.path))
     save_hf_folder(config, state, out, tokenizer_from=tokenizer_from, generation_config=generation_config,
                    dtype=target_dtype)
     record["merged_dir"], record["merged_dtype"] = str(out), str(target_dtype).removeprefix("torch.")
