@@ -1,4 +1,5 @@
-"""The LoRA memory preflight counts what autograd really keeps (issue 25: the estimate within 3% of the peak).
+"""The LoRA memory preflight counts what autograd really keeps (issue 25: the estimate within 3% of the peak), and
+the merged export takes the base's size on disk.
 
 Oracle: PyTorch's own saved-tensor hooks on a real Mistral-architecture decoder with peft's adapters, in bf16 on
 this CPU. Every tensor autograd saves for backward passes through the hook; distinct storages are summed (a view
@@ -9,6 +10,8 @@ there, the scaled noise here: `mask_bytes`), which the GPU record checks through
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -97,3 +100,29 @@ def test_preflight_of_the_lora_presets_counts_the_buckets_and_checkpointing_peak
 
 def a_bucket() -> int:
     return C.load("mistral-7b-lora-1gpu").deepspeed.reduce_bucket_size
+
+
+def test_merged_export_keeps_the_base_models_dtype(tmp_path, tiny_model_dir):
+    """The merge runs in fp32, but the merged folder is written in the base's own dtype (bf16 for Mistral-7B): the
+    H100 lease of 2026-12-06 wrote the 7B merge as a 29 GB fp32 folder, because loading in fp32 rewrites the
+    config's dtype that the export then read."""
+    from peft import get_peft_model
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from trainer import lora
+
+    base_dir = tmp_path / "base"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(base_dir)
+    cfg = C.load("cpu-tiny-lora", [f"model.path={base_dir}"])
+    live = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), lora.peft_config(cfg))
+    adapter = lora.adapter_state(live.base_model.model.state_dict())
+    assert adapter
+    merged_dir = lora.export_adapter_and_merged(cfg, adapter, tmp_path / "export", tokenizer_from=tiny_model_dir)[1]
+    config = json.loads((merged_dir / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+    dtypes = set()
+    for f in merged_dir.glob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            dtypes |= {st.get_slice(k).get_dtype() for k in st.keys()}
+    assert dtypes == {"BF16"}
