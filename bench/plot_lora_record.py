@@ -11,7 +11,11 @@ import json
 import sys
 from pathlib import Path
 
-RUNS = [("mistral-7b-lora-1gpu", "lora-1gpu-metrics.jsonl", 10_000), ("mistral-7b-qlora-24gb", "qlora-24gb-metrics.jsonl", 4_000)]
+RUNS = [("lora-1gpu 2x8", "lora-1gpu-metrics.jsonl", 10_000),
+        ("lora-1gpu 2x8 rerun", "lora-1gpu-rerun-2x8-metrics.jsonl", 10_000),
+        ("lora-1gpu 3x5 (preset)", "lora-1gpu-3x5-metrics.jsonl", 10_000),
+        ("qlora-24gb", "qlora-24gb-metrics.jsonl", 4_000)]
+COLORS = ("tab:blue", "tab:cyan", "tab:purple", "tab:orange")
 
 
 def main() -> int:
@@ -24,19 +28,19 @@ def main() -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [3, 2]})
     peaks, estimates = [], []
-    for (name, file, bar), color in zip(RUNS, ("tab:blue", "tab:orange")):
+    for (name, file, bar), color in zip(RUNS, COLORS):
         rows = [json.loads(x) for x in (args.record_dir / file).read_text().splitlines() if x.strip()]
         train = [r for r in rows if r["kind"] == "train"]
         pre = next(r for r in rows if r["kind"] == "preflight")
         speed.plot([r["step"] for r in train], [r["tokens_per_s"] for r in train], "o-", color=color, label=name)
-        speed.axhline(bar, color=color, linestyle=":", linewidth=1)
+        speed.axhline(bar, color="tab:red", linestyle=":", linewidth=1)
         speed.annotate(f"bar {bar:,}", (train[0]["step"], bar), textcoords="offset points", xytext=(0, 4),
-                       color=color, fontsize=8)
+                       color="tab:red", fontsize=8)
         peaks.append(max(r["gpu_mem_peak_gb"] for r in train))
         estimates.append(pre["mem_estimate_total_gib"])
-    speed.set_xlabel("optimizer step (32k tokens each)")
+    speed.set_xlabel("optimizer step (30-32k tokens each)")
     speed.set_ylabel("real tokens/s (one H100, Ray Train)")
     speed.set_ylim(bottom=0)
     speed.legend(loc="lower right", fontsize=8)
@@ -48,9 +52,9 @@ def main() -> int:
         memory.annotate(f"{(p - e) / e:+.1%}", (i + 0.2, p), textcoords="offset points", xytext=(0, 3), ha="center",
                         fontsize=8)
     memory.axhline(22, color="tab:red", linestyle=":", linewidth=1)
-    memory.annotate("24 GB GPU bar: 22 GiB", (0.6, 22), textcoords="offset points", xytext=(0, 3), fontsize=8,
+    memory.annotate("24 GB GPU bar: 22 GiB", (1.6, 22), textcoords="offset points", xytext=(0, 3), fontsize=8,
                     color="tab:red")
-    memory.set_xticks(list(x), [n.removeprefix("mistral-7b-") for n, _, _ in RUNS])
+    memory.set_xticks(list(x), [n.replace(" (preset)", "") for n, _, _ in RUNS], fontsize=7)
     memory.set_ylabel("GiB (torch max_memory_allocated)")
     memory.legend(fontsize=8)
     memory.set_title("GPU memory: estimate vs peak (bar: within 3%)", fontsize=9)
