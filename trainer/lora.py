@@ -158,14 +158,23 @@ def trainable_count(cfg: TrainConfig) -> int:
 
 def adapted_linears(cfg: TrainConfig, model_config) -> list[tuple[str, int, int]]:
     """(name, in, out) of one decoder layer's linears that get adapters, from the model config alone."""
+    targets = peft_target_modules(cfg)
+    return [t for t in layer_linears(model_config) if targets == ALL_LINEAR or t[0] in targets]
+
+
+def _dims(model_config) -> tuple[int, int, int, int, int]:
+    """hidden, intermediate, attention heads, KV heads, head size of a Mistral-style config."""
     H, I = model_config.hidden_size, model_config.intermediate_size
     heads = model_config.num_attention_heads
     kv = getattr(model_config, "num_key_value_heads", heads) or heads
-    hd = getattr(model_config, "head_dim", None) or H // heads
-    layer = [("q_proj", H, heads * hd), ("k_proj", H, kv * hd), ("v_proj", H, kv * hd), ("o_proj", heads * hd, H),
-             ("gate_proj", H, I), ("up_proj", H, I), ("down_proj", I, H)]
-    targets = peft_target_modules(cfg)
-    return [t for t in layer if targets == ALL_LINEAR or t[0] in targets]
+    return H, I, heads, kv, getattr(model_config, "head_dim", None) or H // heads
+
+
+def layer_linears(model_config) -> list[tuple[str, int, int]]:
+    """(name, in, out) of every linear of one decoder layer."""
+    H, I, heads, kv, hd = _dims(model_config)
+    return [("q_proj", H, heads * hd), ("k_proj", H, kv * hd), ("v_proj", H, kv * hd), ("o_proj", heads * hd, H),
+            ("gate_proj", H, I), ("up_proj", H, I), ("down_proj", I, H)]
 
 
 def adapter_shapes(cfg: TrainConfig, model_config) -> list[tuple[int, int]]:
@@ -192,10 +201,7 @@ def layer_saved_bytes(cfg: TrainConfig, model_config, half: int, mask_bytes: flo
       outputs, the attention output, the MLP product), once per tensor.
     `input_requires_grad=False`: the first layer when nothing before it trains (frozen embeddings, no
     activation checkpointing): nothing is kept before the first adapted linear."""
-    H, I = model_config.hidden_size, model_config.intermediate_size
-    heads = model_config.num_attention_heads
-    kv = getattr(model_config, "num_key_value_heads", heads) or heads
-    hd = getattr(model_config, "head_dim", None) or H // heads
+    H, I, heads, kv, hd = _dims(model_config)
     adapted = {n for n, _, _ in adapted_linears(cfg, model_config)}
     dropout = cfg.lora.dropout > 0
     total = 0.0
@@ -235,14 +241,11 @@ def memory_terms(cfg: TrainConfig, model_config, n_params: int, W: int, half: in
     to the compute dtype for the backward pass (bitsandbytes' MatMul4Bit)."""
     linears = adapted_linears(cfg, model_config)
     L = model_config.num_hidden_layers
-    H, I = model_config.hidden_size, model_config.intermediate_size
-    heads = model_config.num_attention_heads
-    kv = getattr(model_config, "num_key_value_heads", heads) or heads
-    hd = getattr(model_config, "head_dim", None) or H // heads
+    H, _, _, _, hd = _dims(model_config)
     trainable = L * sum(cfg.lora.r * (i + o) for _, i, o in linears)
     extra = 0.0
     if cfg.lora.method == "qlora":
-        shapes = [(H, heads * hd), (H, kv * hd), (H, kv * hd), (heads * hd, H), (H, I), (H, I), (I, H)]
+        shapes = [(i, o) for _, i, o in layer_linears(model_config)]  # every linear is quantized, adapted or not
         quantized = L * sum(i * o for i, o in shapes)
         # 4 bits a weight + one absmax per 64 (fp32, or 8 bits + a second-level constant with double quant)
         per_weight = 0.5 + (1.0 / 64 + 4 / (64 * 256) if cfg.lora.double_quant else 4 / 64)
